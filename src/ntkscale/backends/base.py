@@ -1,0 +1,160 @@
+"""The interface every matvec engine implements, and the data it works on.
+
+Shapes used throughout: a data side holds ``X`` (n, *in_shape); the network has C outputs; a
+parameter-space vector is a tuple with one tensor per differentiated parameter, each with a
+leading axis of k right-hand sides: ``(k, *p.shape)``. Kernel-space vectors are ``(n, C, k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..functional import FunctionalModel, chunks
+
+__all__ = ["KernelData", "Backend", "ParamVec"]
+
+ParamVec = tuple[Tensor, ...]  # one (k, *p.shape) tensor per differentiated parameter
+
+
+@dataclass(eq=False)
+class KernelData:
+    """Everything a backend needs to evaluate ``Θ(X1, X2) = J(X1) J(X2)ᵀ``.
+
+    Attributes:
+        fm: the functional model.
+        params: differentiated parameter tensors (snapshots).
+        fixed: the other parameters and the buffers (snapshots).
+        X1, X2: the two data sides; ``X2 is X1`` semantics when ``square``.
+        square: whether the kernel is the symmetric ``Θ(X1, X1)``.
+        chunk_size: samples per forward/backward pass.
+        memory_budget: bytes a backend may spend on temporary buffers (Jacobian chunks, factors).
+        cache: a dict shared by every rebuilt copy of one operator (see :meth:`cached`).
+    """
+
+    fm: FunctionalModel
+    params: tuple[Tensor, ...]
+    fixed: tuple[Tensor, ...]
+    X1: Tensor
+    X2: Tensor
+    square: bool
+    chunk_size: int
+    memory_budget: int
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.fm.num_outputs
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def signature(self, *tensors: Tensor) -> tuple:
+        """A key that changes when any of ``tensors`` (or the parameters) is replaced or modified."""
+        return tuple(
+            (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t._version)
+            for t in (*tensors, *self.params, *self.fixed)
+        )
+
+    def cached(self, name: str, tensors: tuple[Tensor, ...], build: Callable[[], Any]) -> Any:
+        """Memoize ``build()`` under ``name`` for these exact tensors (one entry per name)."""
+        key = self.signature(*tensors)
+        hit = self.cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self.cache[name] = (key, value)
+        return value
+
+    def jac_chunk_size(self) -> int:
+        """Samples per explicit-Jacobian chunk, so that ``chunk·C·P`` numbers fit the budget."""
+        per_sample = self.num_outputs * self.num_params * self.params[0].element_size() * 2
+        return max(1, min(self.chunk_size, self.memory_budget // max(per_sample, 1)))
+
+
+class Backend:
+    """A way to multiply with the NTK. Subclasses override what they do faster.
+
+    The defaults express everything through three primitives — ``vjp`` (``J(X)ᵀ V``), ``jvp``
+    (``J(X) U``) and ``jacobian`` (explicit ``J(X)`` by chunks) — which :class:`AutodiffBackend`
+    implements with ``torch.func``.
+    """
+
+    name = "base"
+
+    # -- primitives ---------------------------------------------------------------------------
+    def vjp(self, data: KernelData, X: Tensor, V: Tensor) -> ParamVec:
+        """``J(X)ᵀ V`` for ``V`` of shape (n, C, k); returns one (k, *p.shape) tensor per param."""
+        raise NotImplementedError
+
+    def jvp(self, data: KernelData, X: Tensor, U: ParamVec) -> Tensor:
+        """``J(X) U`` for a parameter-space ``U`` with k columns; returns (n, C, k)."""
+        raise NotImplementedError
+
+    def jacobian(self, data: KernelData, X: Tensor) -> Tensor:
+        """Explicit Jacobian of ``X``, flattened: shape (n, C, P). Memory n·C·P: small n only."""
+        fm = data.fm
+        blocks = []
+        for sl in chunks(X.shape[0], data.jac_chunk_size()):
+            jac = fm.per_sample_jacobian(data.params, data.fixed, X[sl])
+            n = X[sl].shape[0]
+            blocks.append(torch.cat([j.reshape(n, fm.num_outputs, -1) for j in jac], dim=-1))
+        return torch.cat(blocks, dim=0)
+
+    # -- kernel operations --------------------------------------------------------------------
+    def matmul(self, data: KernelData, V: Tensor) -> Tensor:
+        """``Θ(X1, X2) V`` for V (N2, C, k); returns (N1, C, k)."""
+        return self.jvp(data, data.X1, self.vjp(data, data.X2, V))
+
+    def diagonal(self, data: KernelData) -> Tensor:
+        """Exact diagonal of the square kernel: ``‖∂f_c(x_i)/∂θ‖²``, shape (N1, C)."""
+        out = []
+        fm = data.fm
+        for sl in chunks(data.X1.shape[0], data.jac_chunk_size()):
+            jac = fm.per_sample_jacobian(data.params, data.fixed, data.X1[sl])
+            out.append(sum(j.square().flatten(start_dim=2).sum(-1) for j in jac))
+        return torch.cat(out, dim=0)
+
+    def gram(self, data: KernelData, X1: Tensor, X2: Tensor) -> Tensor:
+        """Explicit block ``Θ(X1, X2)`` of shape (n1, C, n2, C).
+
+        Explicit Jacobian of the smaller side (in memory-bounded blocks of samples), then one JVP
+        pass over the other side with those Jacobian rows as tangents.
+        """
+        C = data.num_outputs
+        transpose = X1.shape[0] > X2.shape[0]
+        small, big = (X2, X1) if transpose else (X1, X2)
+        out = torch.empty(small.shape[0], C, big.shape[0], C, dtype=data.dtype, device=small.device)
+        # tangents per JVP pass: bounded by the budget (k tangents cost k activations copies)
+        block = max(1, min(data.jac_chunk_size(), 64 // C or 1))
+        for sl in chunks(small.shape[0], block):
+            J = self.jacobian(data, small[sl])  # (b, C, P)
+            b = J.shape[0]
+            U = _unflatten(J.reshape(b * C, -1), data.params)
+            res = self.jvp(data, big, U)  # (n_big, C, b*C)
+            out[sl] = res.permute(2, 0, 1).reshape(b, C, big.shape[0], C)
+        if transpose:
+            out = out.permute(2, 3, 0, 1)
+        return out
+
+
+def _unflatten(flat: Tensor, params: tuple[Tensor, ...]) -> ParamVec:
+    """(k, P) -> one (k, *p.shape) tensor per parameter."""
+    out, start = [], 0
+    for p in params:
+        out.append(flat[:, start : start + p.numel()].reshape(flat.shape[0], *p.shape))
+        start += p.numel()
+    return tuple(out)
+
+
+def flatten(U: ParamVec) -> Tensor:
+    """One (k, *p.shape) tensor per parameter -> (k, P)."""
+    return torch.cat([u.reshape(u.shape[0], -1) for u in U], dim=1)
