@@ -16,7 +16,22 @@ from ntkscale import NonDeterministicModelError
 
 from .cases import CASES, make, reference_jacobian, reference_ntk
 
-BACKENDS = ["autodiff", "dense"]
+try:
+    import pykeops  # noqa: F401
+
+    HAVE_KEOPS = True
+except ImportError:  # pragma: no cover - optional extra
+    HAVE_KEOPS = False
+
+# "cuda" runs the csrc kernel on a GPU and its C++ twin on the CPU.
+BACKENDS = [
+    "autodiff",
+    "dense",
+    "structured",
+    pytest.param("keops", marks=pytest.mark.skipif(not HAVE_KEOPS, reason="pykeops is not installed")),
+    "cuda",
+]
+CORE_BACKENDS = ["autodiff", "dense", "structured"]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
@@ -63,7 +78,7 @@ def test_matvec_diag_dense_cross(refs, case, backend):
     close(Ks.mT.to_dense(), nks.NTKOperator(model, X, Xt, backend=backend).to_dense())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 @pytest.mark.parametrize("case", ["mlp-C3", "cnn-C2"])
 def test_float32(case, backend):
     model, X, _ = make(case, dtype=torch.float32)
@@ -75,7 +90,7 @@ def test_float32(case, backend):
     close(K.diagonal(), Kref.diagonal(), torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_subsetting(refs, backend):
     model, X, _, Kref, _ = refs["mlp-C3"]
     K = nks.NTKOperator(model, X, backend=backend)
@@ -113,7 +128,7 @@ def test_chunking_invariance(case):
         torch.testing.assert_close(d, diags[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_params_subset(backend):
     model, X, _ = make("mlp-C3")
     last = ["4.weight", "4.bias"]
@@ -127,6 +142,30 @@ def test_params_subset(backend):
     model[0].weight.requires_grad_(False)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     close(nks.NTKOperator(model, X, backend=backend).diagonal(), reference_ntk(model, X, names=names).diagonal())
+
+
+@pytest.mark.parametrize("case", ["mlp-C3", "resnet-C2"])
+def test_structured_factor_cache_and_recompute(refs, case, monkeypatch):
+    """Factors are computed once and reused; past the factor budget they are recomputed per
+    chunk with the same result."""
+    from ntkscale.backends import structured
+
+    model, X, _, Kref, _ = refs[case]
+    calls = []
+    real = structured.compute_factors
+    monkeypatch.setattr(structured, "compute_factors", lambda *a: calls.append(1) or real(*a))
+    K = nks.NTKOperator(model, X, backend="structured", chunk_size=4)
+    V = torch.randn(K.shape[0], 2, dtype=torch.float64)
+    close(K @ V, Kref @ V)
+    n_first = len(calls)
+    close(K @ V, Kref @ V)
+    close(K.diagonal(), Kref.diagonal())
+    assert len(calls) == n_first  # cached: no new factor passes
+    Kr = nks.NTKOperator(model, X, backend="structured", chunk_size=4, factor_budget=1)
+    close(Kr @ V, Kref @ V)
+    before = len(calls)
+    close(Kr @ V, Kref @ V)
+    assert len(calls) > before  # recomputed chunk by chunk
 
 
 def test_scalar_output_rows():

@@ -56,6 +56,7 @@ class _State:
     square: bool
     chunk_size: int
     memory_budget: int
+    factor_budget: int | None = None
     rows: Tensor | None = None  # CPU LongTensor into the N1*C rows, None for all
     cols: Tensor | None = None  # CPU LongTensor into the N2*C columns, None for all
     cache: dict = field(default_factory=dict)
@@ -78,6 +79,8 @@ class NTKOperator(LinearOperator):
         allow_nondeterministic: skip the refusal of models whose outputs are random (dropout in
             train mode) or batch-dependent (BatchNorm in train mode).
         memory_budget: bytes the operator may spend on temporaries (default 256 MiB).
+        factor_budget: bytes of per-layer factors the structured backends may cache (default
+            4 GiB); beyond it they are recomputed chunk by chunk on every product.
 
     The operator holds snapshots of the model's parameters and buffers, taken at construction:
     training the model afterwards does not change the kernel, and ``K.to(...)``/``K.double()``
@@ -97,11 +100,13 @@ class NTKOperator(LinearOperator):
         dtype: torch.dtype | None = None,
         allow_nondeterministic: bool = False,
         memory_budget: int | None = None,
+        factor_budget: int | None = None,
         _state: _State | None = None,
     ):
         if _state is None:
             args, _state = _build(
-                model, X1, X2, backend, chunk_size, params, dtype, allow_nondeterministic, memory_budget
+                model, X1, X2, backend, chunk_size, params, dtype, allow_nondeterministic,
+                memory_budget, factor_budget,
             )
         else:
             # Rebuilt by linear_operator from its representation: NTKOperator(X1, X2, *params,
@@ -159,6 +164,7 @@ class NTKOperator(LinearOperator):
             chunk_size=st.chunk_size,
             memory_budget=st.memory_budget,
             cache=st.cache,
+            factor_budget=st.factor_budget,
         )
 
     def __repr__(self) -> str:
@@ -290,7 +296,9 @@ class NTKOperator(LinearOperator):
 # -- construction -------------------------------------------------------------------------------
 
 
-def _build(model, X1, X2, backend, chunk_size, params, dtype, allow_nondeterministic, memory_budget):
+def _build(
+    model, X1, X2, backend, chunk_size, params, dtype, allow_nondeterministic, memory_budget, factor_budget
+):
     if not isinstance(model, nn.Module):
         raise TypeError(f"NTKOperator(model, X): model must be a torch.nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
@@ -349,6 +357,7 @@ def _build(model, X1, X2, backend, chunk_size, params, dtype, allow_nondetermini
         square=square,
         chunk_size=chunk_size,
         memory_budget=budget,
+        factor_budget=factor_budget,
         choice=choice,
     )
     return (X1, X2, *p, *fx), state

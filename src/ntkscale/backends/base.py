@@ -33,6 +33,7 @@ class KernelData:
         chunk_size: samples per forward/backward pass.
         memory_budget: bytes a backend may spend on temporary buffers (Jacobian chunks, factors).
         cache: a dict shared by every rebuilt copy of one operator (see :meth:`cached`).
+        factor_budget: bytes of cached per-layer factors (structured backends); None: default.
     """
 
     fm: FunctionalModel
@@ -44,6 +45,7 @@ class KernelData:
     chunk_size: int
     memory_budget: int
     cache: dict = field(default_factory=dict)
+    factor_budget: int | None = None
 
     @property
     def num_outputs(self) -> int:

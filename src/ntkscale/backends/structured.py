@@ -1,0 +1,443 @@
+"""Structured NTK products from per-layer factors, in weight space (GEMMs) or kernel space.
+
+For a layer ``z = W a + b`` (``nn.Linear``, or ``nn.Conv2d`` on unfolded patches) the per-sample
+gradient of output c is ``Σ_p g_{c,p} a_pᵀ`` over the layer's positions p (one for an MLP, the
+spatial positions for a convolution), where ``a_p`` is the layer input and ``g_{c,p} = ∂f_c/∂z_p``.
+So the NTK splits over layers,
+
+    Θ_l((i,c),(j,c')) = Σ_{p,q} (a_ip·a_jq + 1_bias) (g_icp·g_jc'q),
+
+and with the factors ``A_l`` (N, L, d) and ``G_l`` (N, C, L, o) cached once (one forward, C
+batched backward passes), a product is two GEMMs per layer:
+
+    U_l = Σ_{i,c,p} v_ic g_icp a_ipᵀ          (vjp, weight space)
+    (Θ v)_ic = Σ_{l,p} g_icpᵀ (U_l a_ip + u_b)  (jvp)
+
+about two forward passes of FLOPs. Parameters of other layer types (norms, embeddings, custom
+modules) go through the autodiff backend restricted to them, and the two parts add up.
+
+``KeOpsBackend`` and ``CudaBackend`` do the same but reduce the dense (L = 1) layers in kernel
+space, ``(Θ v)_i = Σ_j Σ_l (a_i·a_j)(g_i·g_j) v_j``, without any N×N matrix: cheaper than
+weight space when layers are much wider than N.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import FunctionalModel, chunks
+from .autodiff import AutodiffBackend
+from .base import Backend, KernelData, ParamVec
+
+__all__ = ["StructuredBackend", "KeOpsBackend", "CudaBackend", "Factors", "layer_specs"]
+
+log = logging.getLogger("ntkscale")
+
+DEFAULT_FACTOR_BUDGET = 4 * 2**30  # bytes of cached factors before falling back to recomputation
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer the structured backend handles: which of its parameters are differentiated."""
+
+    module_name: str
+    weight: str | None  # full parameter name, or None when the weight is held fixed
+    bias: str | None
+
+
+def layer_specs(fm: FunctionalModel) -> tuple[list[LayerSpec], list[str]]:
+    """Split the differentiated parameters into structured layers and the rest (autodiff)."""
+    names = set(fm.names)
+    specs, covered = [], set()
+    for mname, mod in fm.module.named_modules():
+        supported = isinstance(mod, nn.Linear) or (
+            isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
+            and not isinstance(mod.padding, str)
+        )
+        if not supported:
+            continue
+        prefix = f"{mname}." if mname else ""
+        w = prefix + "weight" if prefix + "weight" in names else None
+        b = prefix + "bias" if mod.bias is not None and prefix + "bias" in names else None
+        if w is None and b is None:
+            continue
+        specs.append(LayerSpec(mname, w, b))
+        covered.update(x for x in (w, b) if x)
+    rest = [n for n in fm.names if n not in covered]
+    return specs, rest
+
+
+@dataclass
+class Factors:
+    """Per-layer factors of one data side: ``A[l]`` (n, L, d), ``G[l]`` (n, C, L, o)."""
+
+    A: list[Tensor]
+    G: list[Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.A, *self.G))
+
+
+class _Capture:
+    """Forward hooks recording each structured layer's inputs and adding a zero ``δ`` to its
+    output; gradients with respect to the ``δ``s are the output gradients ``g``."""
+
+    def __init__(self, fm: FunctionalModel, specs: list[LayerSpec]):
+        mods = dict(fm.module.named_modules())
+        self.layers = [mods[s.module_name] for s in specs]
+        self.inputs: list[list[Tensor]] = [[] for _ in specs]
+        self.deltas: list[list[Tensor]] = [[] for _ in specs]
+        self.handles = []
+
+    def __enter__(self):
+        for idx, mod in enumerate(self.layers):
+            self.handles.append(mod.register_forward_hook(self._hook(idx)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, idx):
+        def hook(mod, args, out):
+            self.inputs[idx].append(args[0].detach())
+            delta = torch.zeros_like(out, requires_grad=True)
+            self.deltas[idx].append(delta)
+            return out + delta
+
+        return hook
+
+
+def _unfold_input(mod: nn.Module, x: Tensor) -> Tensor:
+    """Layer input as (n, L, d) rows that multiply the flattened weight (o, d)."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    return cols.transpose(1, 2)  # (n, L, C_in*kh*kw)
+
+
+def _grad_rows(mod: nn.Module, g: Tensor) -> Tensor:
+    """Output gradients (C, n, *out) -> (n, C, L, o)."""
+    C, n = g.shape[:2]
+    if isinstance(mod, nn.Linear):
+        return g.reshape(C, n, -1, g.shape[-1]).transpose(0, 1)
+    return g.reshape(C, n, g.shape[2], -1).permute(1, 0, 3, 2)  # (n, C, H*W, o)
+
+
+def compute_factors(data: KernelData, specs: list[LayerSpec], X: Tensor) -> Factors:
+    """Factors of one chunk: one forward pass, then C output gradients in one batched backward."""
+    fm, C = data.fm, data.num_outputs
+    with torch.enable_grad(), _Capture(fm, specs) as cap:
+        out = fm(data.params, data.fixed, X)  # (n, C)
+        flat_deltas = [d for ds in cap.deltas for d in ds]
+        eye = torch.eye(C, dtype=out.dtype, device=out.device)
+        cot = eye[:, None, :].expand(C, X.shape[0], C)
+        try:
+            grads = torch.autograd.grad(out, flat_deltas, cot, is_grads_batched=True, allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: one backward per output
+            per_c = [
+                torch.autograd.grad(out, flat_deltas, cot[c], retain_graph=True, allow_unused=True)
+                for c in range(C)
+            ]
+            grads = [torch.stack([g[k] for g in per_c]) for k in range(len(flat_deltas))]
+    A, G, k = [], [], 0
+    for idx, mod in enumerate(cap.layers):
+        uses = len(cap.deltas[idx])
+        if uses == 0:
+            raise RuntimeError(f"layer {specs[idx].module_name!r} was not called in the forward pass")
+        a_list, g_list = [], []
+        for use in range(uses):  # a layer used several times: its positions are concatenated
+            g = grads[k]
+            k += 1
+            if g is None:
+                g = torch.zeros(C, *cap.deltas[idx][use].shape, dtype=out.dtype, device=out.device)
+            a_list.append(_unfold_input(mod, cap.inputs[idx][use]))
+            g_list.append(_grad_rows(mod, g))
+        A.append(torch.cat(a_list, dim=1) if uses > 1 else a_list[0])
+        G.append(torch.cat(g_list, dim=2) if uses > 1 else g_list[0])
+    return Factors(A, G)
+
+
+class StructuredBackend(Backend):
+    """NTK products from cached per-layer factors (weight-space GEMMs), autodiff for the rest."""
+
+    name = "structured"
+    kernel_impl: str | None = None  # "keops" / "cuda": reduce dense layers in kernel space
+
+    def __init__(self):
+        self._rest_backend = AutodiffBackend()
+
+    # -- layout --------------------------------------------------------------------------------
+    def _layout(self, data: KernelData):
+        """(specs, indices of each spec's weight/bias in data.params, rest-data or None)."""
+
+        def build():
+            specs, rest = layer_specs(data.fm)
+            pos = {n: i for i, n in enumerate(data.fm.names)}
+            idx = [(pos.get(s.weight), pos.get(s.bias)) for s in specs]
+            return specs, idx, rest
+
+        specs, idx, rest = data.cached("layout", (), build)
+        return specs, idx, self._rest_data(data, rest) if rest else None
+
+    @staticmethod
+    def _rest_data(data: KernelData, rest: list[str]) -> KernelData:
+        fm = data.fm
+        rest_set = set(rest)
+        keep = [i for i, n in enumerate(fm.names) if n in rest_set]
+        other = [i for i, n in enumerate(fm.names) if n not in rest_set]
+        fm_rest = replace(
+            fm,
+            names=tuple(fm.names[i] for i in keep),
+            fixed_names=tuple(fm.names[i] for i in other) + fm.fixed_names,
+        )
+        return replace(
+            data,
+            fm=fm_rest,
+            params=tuple(data.params[i] for i in keep),
+            fixed=tuple(data.params[i] for i in other) + tuple(data.fixed),
+            cache={},
+        )
+
+    # -- factors -------------------------------------------------------------------------------
+    def factor_bytes(self, data: KernelData, X: Tensor) -> int:
+        """Bytes the factors of ``X`` take (measured on one sample, scaled by N)."""
+        specs, _, _ = self._layout(data)
+        one = compute_factors(data, specs, X[:1])
+        return one.nbytes() * X.shape[0]
+
+    def _factors(self, data: KernelData, X: Tensor, name: str) -> Factors | None:
+        """Cached factors of ``X``, or None when they exceed the factor budget."""
+        specs, _, _ = self._layout(data)
+        if not specs:
+            return None
+        need = data.cached(f"{name}-bytes", (X,), lambda: self.factor_bytes(data, X))
+        budget = data.factor_budget or DEFAULT_FACTOR_BUDGET
+        if need > budget:
+            if not data.cache.get(f"{name}-warned"):
+                data.cache[f"{name}-warned"] = True
+                log.info(
+                    "ntkscale: structured factors need %.2f GiB > factor budget %.2f GiB; "
+                    "recomputing them per chunk on every product",
+                    need / 2**30, budget / 2**30,
+                )
+            return None
+
+        def build():
+            parts = [compute_factors(data, specs, X[sl]) for sl in chunks(X.shape[0], data.chunk_size)]
+            if len(parts) == 1:
+                return parts[0]
+            return Factors(
+                [torch.cat([p.A[l] for p in parts]) for l in range(len(specs))],
+                [torch.cat([p.G[l] for p in parts]) for l in range(len(specs))],
+            )
+
+        return data.cached(name, (X,), build)
+
+    def _side(self, data: KernelData, X: Tensor):
+        """Factors for X as a list of (slice, Factors): cached whole, or per chunk on the fly."""
+        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        fac = self._factors(data, X, name) if name else None
+        if fac is not None:
+            yield slice(0, X.shape[0]), fac
+            return
+        specs, _, _ = self._layout(data)
+        for sl in chunks(X.shape[0], data.chunk_size):
+            yield sl, compute_factors(data, specs, X[sl])
+
+    # -- weight-space primitives ------------------------------------------------------------
+    def vjp(self, data: KernelData, X: Tensor, V: Tensor) -> ParamVec:
+        specs, idx, rest = self._layout(data)
+        k = V.shape[-1]
+        out: list[Tensor | None] = [None] * len(data.params)
+        for sl, fac in self._side(data, X):
+            for (iw, ib), (Uw, Ub) in zip(idx, _weight_space_vjp(fac, idx, V[sl])):
+                if iw is not None:
+                    _acc(out, iw, Uw.reshape(k, *data.params[iw].shape))
+                if ib is not None:
+                    _acc(out, ib, Ub)
+        if rest is not None:
+            for i, u in zip(self._rest_positions(data, rest), self._rest_backend.vjp(rest, X, V)):
+                out[i] = u
+        return tuple(
+            o if o is not None else torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
+            for o, p in zip(out, data.params)
+        )
+
+    def jvp(self, data: KernelData, X: Tensor, U: ParamVec) -> Tensor:
+        specs, idx, rest = self._layout(data)
+        k = U[0].shape[0]
+        per_layer = [
+            (U[iw].reshape(k, U[iw].shape[1], -1) if iw is not None else None, U[ib] if ib is not None else None)
+            for iw, ib in idx
+        ]
+        out = torch.zeros(X.shape[0], data.num_outputs, k, dtype=data.dtype, device=X.device)
+        if idx:
+            for sl, fac in self._side(data, X):
+                out[sl] += _weight_space_jvp(fac, per_layer)
+        if rest is not None:
+            out += self._rest_backend.jvp(rest, X, tuple(U[i] for i in self._rest_positions(data, rest)))
+        return out
+
+    @staticmethod
+    def _rest_positions(data: KernelData, rest: KernelData) -> list[int]:
+        names = set(rest.fm.names)
+        return [i for i, n in enumerate(data.fm.names) if n in names]
+
+    # -- kernel operations ---------------------------------------------------------------------
+    def matmul(self, data: KernelData, V: Tensor) -> Tensor:
+        if self.kernel_impl is None:
+            return self.jvp(data, data.X1, self.vjp(data, data.X2, V))
+        return self._kernel_space_matmul(data, V)
+
+    def diagonal(self, data: KernelData) -> Tensor:
+        specs, idx, rest = self._layout(data)
+        X = data.X1
+        diag = torch.zeros(X.shape[0], data.num_outputs, dtype=data.dtype, device=X.device)
+        for sl, fac in self._side(data, X):
+            for l, (iw, ib) in enumerate(idx):
+                A, G = fac.A[l], fac.G[l]  # (n, L, d), (n, C, L, o)
+                if iw is not None:
+                    L = A.shape[1]
+                    if L == 1:
+                        diag[sl] += A.square().sum((1, 2))[:, None] * G.square().sum((2, 3))
+                    else:  # ‖Σ_p g_p a_pᵀ‖² = Σ_{p,q} (a_p·a_q)(g_p·g_q)
+                        AA = A @ A.transpose(1, 2)  # (n, L, L)
+                        GG = G @ G.transpose(2, 3)  # (n, C, L, L)
+                        diag[sl] += (GG * AA[:, None]).sum((2, 3))
+                if ib is not None:
+                    diag[sl] += G.sum(2).square().sum(-1)
+        if rest is not None:
+            diag += self._rest_backend.diagonal(replace(rest, X1=X, X2=X, square=True))
+        return diag
+
+    def gram(self, data: KernelData, X1: Tensor, X2: Tensor) -> Tensor:
+        specs, idx, rest = self._layout(data)
+        dense_layers = self._dense_layers(data)
+        if len(dense_layers) != len(specs):  # convolutions: weight-space, through the base path
+            return Backend.gram(self, data, X1, X2)
+        from .kernel_space import gram_block
+
+        f1 = self._whole(data, X1)
+        f2 = f1 if (X2 is X1) else self._whole(data, X2)
+        A1, G1 = self._kernel_factors(f1, idx)
+        A2, G2 = self._kernel_factors(f2, idx)
+        C = data.num_outputs
+        out = gram_block(A1, G1, A2, G2).reshape(X1.shape[0], C, X2.shape[0], C)
+        if rest is not None:
+            out += self._rest_backend.gram(rest, X1, X2)
+        return out
+
+    # -- kernel space --------------------------------------------------------------------------
+    def _dense_layers(self, data: KernelData) -> list[int]:
+        """Indices of the structured layers with one position per sample (nn.Linear on vectors)."""
+
+        def build():
+            specs, _, _ = self._layout(data)
+            fac = compute_factors(data, specs, data.X1[:1])
+            return [l for l, A in enumerate(fac.A) if A.shape[1] == 1]
+
+        return data.cached("dense-layers", (), build)
+
+    def _whole(self, data: KernelData, X: Tensor) -> Factors:
+        parts = list(self._side(data, X))
+        if len(parts) == 1:
+            return parts[0][1]
+        n_layers = len(parts[0][1].A)
+        return Factors(
+            [torch.cat([f.A[l] for _, f in parts]) for l in range(n_layers)],
+            [torch.cat([f.G[l] for _, f in parts]) for l in range(n_layers)],
+        )
+
+    @staticmethod
+    def _kernel_factors(fac: Factors, idx, layers=None):
+        """Kernel-space factors: A (n, d [+1 for a bias]) and G (n, C, o) of dense layers."""
+        A_out, G_out = [], []
+        for l in layers if layers is not None else range(len(idx)):
+            iw, ib = idx[l]
+            A, G = fac.A[l][:, 0], fac.G[l][:, :, 0]
+            if iw is None:
+                A = A.new_ones(A.shape[0], 1)
+            elif ib is not None:
+                A = torch.cat([A, A.new_ones(A.shape[0], 1)], dim=1)
+            A_out.append(A.contiguous())
+            G_out.append(G.contiguous())
+        return A_out, G_out
+
+    def _kernel_space_matmul(self, data: KernelData, V: Tensor) -> Tensor:
+        from .kernel_space import kernel_space_matmul
+
+        specs, idx, rest = self._layout(data)
+        dense = self._dense_layers(data)
+        f1 = self._whole(data, data.X1)
+        f2 = f1 if data.square else self._whole(data, data.X2)
+        A1, G1 = self._kernel_factors(f1, idx, dense)
+        A2, G2 = self._kernel_factors(f2, idx, dense)
+        impl = self.kernel_impl
+        if impl == "cuda" and V.device.type != "cuda":
+            impl = "cpp"  # the csrc kernel's CPU twin
+        out = kernel_space_matmul(A1, G1, A2, G2, V, impl=impl)
+        others = [l for l in range(len(specs)) if l not in set(dense)]
+        if others or rest is not None:
+            # convolutions and non-structured parameters: weight space, restricted to them
+            for l in others:
+                sub2 = Factors([f2.A[l]], [f2.G[l]])
+                sub1 = Factors([f1.A[l]], [f1.G[l]])
+                out = out + _weight_space_jvp(sub1, _weight_space_vjp(sub2, [idx[l]], V))
+            if rest is not None:
+                out = out + self._rest_backend.matmul(rest, V)
+        return out
+
+
+def _weight_space_vjp(fac: Factors, idx, V: Tensor) -> list[tuple[Tensor | None, Tensor | None]]:
+    """``Jᵀ V`` from factors, per layer: (weight (k, o, d) or None, bias (k, o) or None)."""
+    k = V.shape[-1]
+    res = []
+    for l, (iw, ib) in enumerate(idx):
+        A, G = fac.A[l], fac.G[l]
+        n, C, L, o = G.shape
+        Gv = torch.bmm(G.reshape(n, C, L * o).transpose(1, 2), V).reshape(n * L, o * k)
+        Uw = (Gv.T @ A.reshape(n * L, -1)).reshape(o, k, -1).transpose(0, 1) if iw is not None else None
+        Ub = Gv.sum(0).reshape(o, k).T if ib is not None else None
+        res.append((Uw, Ub))
+    return res
+
+
+def _weight_space_jvp(fac: Factors, U) -> Tensor:
+    """``J U`` from factors: U per layer (weight (k, o, d) or None, bias (k, o) or None)."""
+    out = None
+    for l, (Uw, Ub) in enumerate(U):
+        A, G = fac.A[l], fac.G[l]
+        n, C, L, o = G.shape
+        k = (Uw if Uw is not None else Ub).shape[0]
+        Z = None
+        if Uw is not None:
+            Z = (A.reshape(n * L, -1) @ Uw.reshape(k * o, -1).T).reshape(n, L, k, o)
+        if Ub is not None:
+            Z = Ub.expand(n, L, k, o) if Z is None else Z + Ub
+        r = torch.bmm(G.reshape(n, C, L * o), Z.permute(0, 1, 3, 2).reshape(n, L * o, k))
+        out = r if out is None else out + r
+    return out
+
+
+def _acc(out: list, i: int, value: Tensor) -> None:
+    out[i] = value.clone() if out[i] is None else out[i].add_(value)
+
+
+class KeOpsBackend(StructuredBackend):
+    """Structured factors reduced in kernel space by a pykeops ``LazyTensor`` reduction."""
+
+    name = "keops"
+    kernel_impl = "keops"
+
+
+class CudaBackend(StructuredBackend):
+    """Structured factors reduced in kernel space by the csrc fused kernel (C++ twin on CPU)."""
+
+    name = "cuda"
+    kernel_impl = "cuda"
