@@ -1,9 +1,38 @@
-"""ntkscale: the empirical neural tangent kernel as a lazy, matrix-free linear operator."""
+"""ntkscale: the empirical neural tangent kernel as a lazy, matrix-free linear operator.
+
+>>> import ntkscale as nks
+>>> sorted(n for n in ("NTKOperator", "solve", "condition_number") if hasattr(nks, n))
+['NTKOperator', 'condition_number', 'solve']
+"""
 
 from __future__ import annotations
 
 from .operator import NonDeterministicModelError, NTKOperator
+from .solvers import (
+    ConvergenceWarning,
+    SolveInfo,
+    build_preconditioner,
+    condition_number,
+    eigvalsh_extremes,
+    lanczos,
+    logdet,
+    solve,
+    spectral_density,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["NTKOperator", "NonDeterministicModelError", "__version__"]
+__all__ = [
+    "ConvergenceWarning",
+    "NTKOperator",
+    "NonDeterministicModelError",
+    "SolveInfo",
+    "__version__",
+    "build_preconditioner",
+    "condition_number",
+    "eigvalsh_extremes",
+    "lanczos",
+    "logdet",
+    "solve",
+    "spectral_density",
+]

@@ -152,6 +152,20 @@ class NTKOperator(LinearOperator):
         """The cost model's estimates behind ``backend="auto"`` (empty for an explicit backend)."""
         return dict(self._st.choice)
 
+    def with_backend(self, backend: str) -> "NTKOperator":
+        """The same kernel computed by another backend (not ``"auto"``).
+
+        Caches carry over where the backends share them: the structured family (structured,
+        keops, cuda) reuses one set of per-layer factors.
+        """
+        if backend == "auto" or backend not in BACKENDS:
+            raise ValueError(
+                f"with_backend needs an explicit backend, one of "
+                f"{', '.join(repr(b) for b in BACKENDS if b != 'auto')}; got {backend!r}"
+            )
+        state = replace(self._st, backend=get_backend(backend), choice={})
+        return NTKOperator(self.X1, self.X2, *self.params, *self.fixed, _state=state)
+
     def _data(self) -> KernelData:
         st = self._st
         return KernelData(
@@ -346,9 +360,9 @@ def _build(
     if backend == "auto":
         from .backends.cost import choose
 
-        choice = choose(fm, p, fx, X1, X2, square, budget)
+        choice = choose(fm, p, fx, X1, X2, square, budget, factor_budget)
         backend = choice["backend"]
-        log.info("ntkscale: backend=auto picked %r (%s)", backend, choice.get("reason", ""))
+        log.info("ntkscale: backend='auto' picked %r; %s", backend, choice["reason"])
     impl = get_backend(backend)
     state = _State(
         fm=fm,
