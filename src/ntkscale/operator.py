@@ -274,10 +274,9 @@ class NTKOperator(LinearOperator):
         return G
 
     def _bilinear_derivative(self, left_vecs, right_vecs):
-        raise NotImplementedError(
-            "NTKOperator does not differentiate through its data or parameters; detach the "
-            "right-hand side's graph from them"
-        )
+        # The data and parameter snapshots are constants of the kernel: no gradient reaches
+        # them (gradients with respect to the right-hand side flow as usual).
+        return (None,) * len(self._args)
 
     # -- checks ---------------------------------------------------------------------------------
     def _check_rhs(self, v: Tensor) -> None:

@@ -1,0 +1,7 @@
+"""``python -m ntkscale``: the same as the ``ntkscale`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

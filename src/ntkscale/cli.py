@@ -1,0 +1,251 @@
+"""The ``ntkscale`` command line: ``demo``, ``info``, ``experiment``, ``bench``.
+
+Examples:
+    ntkscale demo --out results/demo        # the main job on built-in data, under a minute on CPU
+    ntkscale demo --quick --out /tmp/demo   # the same in seconds, on a small preset
+    ntkscale info                           # versions, CUDA, threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+from importlib import metadata
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXPERIMENTS = ("regression1d", "conditioning", "bandits", "continual")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_info() -> dict:
+    """Versions of ntkscale and its dependencies, CUDA availability and thread counts.
+
+    Optional packages (pykeops, ninja, matplotlib, scikit-learn) are looked up by their installed
+    metadata, without importing them.
+    """
+    import torch
+
+    info: dict = {
+        "ntkscale": _version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+    for dist in ("linear_operator", "gpytorch", "pykeops", "ninja", "numpy", "matplotlib", "scikit-learn"):
+        info[dist] = _dist_version(dist)
+    cuda = torch.cuda.is_available()
+    info["cuda_available"] = cuda
+    info["torch_cuda_build"] = torch.version.cuda or "none (CPU build)"
+    if cuda:
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["threads"] = torch.get_num_threads()
+    info["interop_threads"] = torch.get_num_interop_threads()
+    return info
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(map(len, info))
+    for key, value in info.items():
+        if value is None:
+            value = "not installed"
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .demo import DEFAULT, QUICK, run_demo
+
+    cfg = QUICK if args.quick else DEFAULT
+    overrides = {
+        k: v
+        for k, v in {
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "steps": args.steps,
+            "rank": args.rank,
+            "seed": args.seed,
+            "noise_rel": args.noise_rel,
+        }.items()
+        if v is not None
+    }
+    cfg = replace(cfg, **overrides)
+    threads = None
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"ntkscale demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+    try:
+        run_demo(args.out, cfg, progress=not args.no_progress, figure=not args.no_figure)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return 0
+
+
+def _available_experiments() -> list[str]:
+    """Modules under ``ntkscale.experiments`` that define ``run``."""
+    try:
+        pkg = importlib.import_module("ntkscale.experiments")
+    except ImportError:
+        return []
+    names = []
+    for name in EXPERIMENTS:
+        try:
+            mod = importlib.import_module(f"{pkg.__name__}.{name}")
+        except ImportError:
+            continue
+        if callable(getattr(mod, "run", None)):
+            names.append(name)
+    return names
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    if args.name not in EXPERIMENTS:
+        print(
+            f"ntkscale experiment: unknown study {args.name!r}; the studies are "
+            f"{', '.join(EXPERIMENTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    ready = _available_experiments()
+    if args.name in ready:
+        mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
+        result = mod.run(quick=args.quick, out=args.out)
+        return int(result) if isinstance(result, int) else 0
+    print(
+        f"ntkscale experiment {args.name}: not available yet: this study is not implemented in "
+        f"ntkscale {_version()}.\n"
+        f"  studies available now: {', '.join(ready) if ready else 'none'}\n"
+        f"  planned: {', '.join(EXPERIMENTS)}\n"
+        f"  what runs now: `ntkscale demo` (NTK kernel regression on digits), `ntkscale info`",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _benchmark_scripts() -> list[str]:
+    """The benchmark scripts of a source checkout (``benchmarks/bench_*.py``), if this is one."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    return sorted(str(p) for p in root.glob("bench_*.py")) if root.is_dir() else []
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    scripts = _benchmark_scripts()
+    listing = "\n".join(
+        f"    python {s} --out {args.out}/{Path(s).stem.removeprefix('bench_')}.json" for s in scripts
+    )
+    print(
+        f"ntkscale bench: not available yet: the benchmark suite is not wired into the command "
+        f"line of ntkscale {_version()}.\n"
+        + (
+            f"  the benchmarks of this checkout run as scripts (or all at once by `make bench`):\n{listing}"
+            if scripts
+            else "  the benchmarks live in benchmarks/ of the source repository (`make bench`)"
+        ),
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ntkscale`` command."""
+    parser = argparse.ArgumentParser(
+        prog="ntkscale",
+        description="The empirical neural tangent kernel as a lazy, matrix-free linear operator.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="train an MLP on digits and compare it with its NTK kernel-regression predictor",
+        description=(
+            "Train a small MLP on scikit-learn's digits, build its NTK as a matrix-free operator, "
+            "solve the kernel regression by CG with and without preconditioners, and predict with "
+            "the cross-kernel. Prints a table; writes demo.json and demo.png into --out."
+        ),
+    )
+    p.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
+    p.add_argument("--quick", action="store_true", help="a small preset that runs in seconds")
+    p.add_argument("--n-train", type=int, help="training samples (default 500; quick 100)")
+    p.add_argument("--n-test", type=int, help="test samples (default 500; quick 100)")
+    p.add_argument("--steps", type=int, help="training steps (default 300; quick 60)")
+    p.add_argument("--rank", type=int, help="rank of the Nyström preconditioner (default 100; quick 30)")
+    p.add_argument("--noise-rel", type=float, help="σ² relative to the NTK's mean diagonal (default 0.1)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-figure", action="store_true", help="write no PNG (no matplotlib needed)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="versions, CUDA availability and threads")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("experiment", help=f"run a study: {', '.join(EXPERIMENTS)}")
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--quick", action="store_true", help="the CPU preset (minutes)")
+    p.add_argument("--out", default=None, help="output folder (default: results/NAME)")
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("bench", help="run the benchmark suite")
+    p.add_argument("--device", default="cpu", help="device to benchmark on (default: cpu)")
+    p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ntkscale`` command.
+
+    Args:
+        argv: the arguments after the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 for a usage error or a command not available.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "out", "") is None and args.command == "experiment":
+        args.out = f"results/{args.name}"
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

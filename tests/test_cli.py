@@ -1,0 +1,81 @@
+"""The ``ntkscale`` command line: info, version, the demo on its quick preset, placeholders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ntkscale
+from ntkscale.cli import collect_info, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert ntkscale.__version__ in capsys.readouterr().out
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "linear_operator", "gpytorch", "cuda_available", "threads"):
+        assert key in out
+    assert torch.__version__ in out
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert info == {**collect_info(), "threads": info["threads"], "interop_threads": info["interop_threads"]}
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_unknown_experiment_is_a_usage_error(capsys):
+    assert main(["experiment", "no-such-study"]) == 2
+    err = capsys.readouterr().err
+    assert "regression1d" in err and "continual" in err
+
+
+def test_python_dash_m():
+    run = subprocess.run(
+        [sys.executable, "-m", "ntkscale", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert ntkscale.__version__ in run.stdout
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "NTK regression" in text and "nystrom" in text
+
+    result = json.loads((out / "demo.json").read_text())
+    assert (out / "demo.png").stat().st_size > 0
+    assert set(result["solves"]) == {"none", "jacobi", "nystrom"}
+    for r in result["solves"].values():
+        assert r["iterations"] > 0
+        assert r["converged"], r
+        assert r["residual_norm"] <= result["config"]["tol"] * 1.01
+    m = result["metrics"]
+    for who in ("net", "ntk"):
+        for split in ("train", "test"):
+            assert 0.0 <= m[who][split]["accuracy"] <= 1.0
+            assert m[who][split]["mse"] >= 0.0
+    # The three solves answer the same system.
+    assert max(m["alpha_rel_diff"].values()) < 1e-2
+    # The NTK predictor fits the training data at least as well as the trained net does.
+    assert m["ntk"]["train"]["mse"] <= m["net"]["train"]["mse"] + 1e-6
+    assert result["operator"]["shape"] == [result["config"]["n_train"] * 10] * 2
+    assert torch.get_num_threads() >= 1

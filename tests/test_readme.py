@@ -1,0 +1,39 @@
+"""The README's usage example runs as written and does what its comments say."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def usage_example() -> str:
+    """The first ```python block of the README's "## Usage" section."""
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"^## Usage\s*$(.*?)(?=^## )", text, flags=re.M | re.S)
+    assert section is not None, "README.md has no '## Usage' section"
+    block = re.search(r"```python\n(.*?)```", section.group(1), flags=re.S)
+    assert block is not None, "the README's Usage section has no ```python block"
+    return block.group(1)
+
+
+def test_readme_usage_example_runs(capsys):
+    code = usage_example()
+    ns: dict = {"__name__": "__readme__"}
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(code, str(README) + ":Usage", "exec"), ns)
+    finally:
+        torch.set_num_threads(threads)
+    K, d, info, mean = ns["K"], ns["d"], ns["info"], ns["mean"]
+    n = ns["X"].shape[0] * ns["y"].shape[1]
+    assert K.shape == (n, n)
+    assert ns["Kv"].shape == (n,)
+    assert d.shape == (n,) and bool((d > 0).all())
+    assert info.converged and info.iterations > 0
+    assert mean.shape == (ns["X_test"].shape[0], ns["y"].shape[1])
+    assert bool(torch.isfinite(mean).all())
+    assert capsys.readouterr().out.strip(), "the example prints the solve's summary"
