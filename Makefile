@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml | $(PY)
 demo: venv
 	$(VENV)/bin/ntkscale demo --out results/demo
 
+# the venv's bin first on PATH: torch's extension builder looks for ninja there
 test: venv
-	$(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 # Each benchmark writes JSON with its environment; BENCH_ARGS goes to those with a --quick preset.
 BENCH_ARGS ?=
