@@ -1,0 +1,42 @@
+"""Matrix-free iterative solvers for symmetric PSD ``linear_operator.LinearOperator`` s.
+
+Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a few rows
+``K[idx, :]`` and ``K.shape`` / ``K.dtype`` / ``K.device``; nothing forms ``K`` densely.
+
+* :func:`solve` — batched preconditioned CG on ``K + noise I`` with :class:`SolveInfo`.
+* :func:`build_preconditioner` — ``"jacobi"``, ``"pivchol"``, ``"nystrom"``, reusable across solves.
+* :func:`lanczos`, :func:`eigvalsh_extremes`, :func:`condition_number` — Lanczos spectra.
+* :func:`logdet`, :func:`spectral_density` — stochastic Lanczos quadrature.
+* :mod:`settings` — ``max_cg_iterations`` / ``cg_tolerance`` context managers for defaults.
+"""
+
+from . import settings
+from .cg import ConvergenceWarning, SolveInfo, solve
+from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
+from .preconditioners import (
+    PRECONDITIONERS,
+    JacobiPreconditioner,
+    NystromPreconditioner,
+    PivotedCholeskyPreconditioner,
+    Preconditioner,
+    build_preconditioner,
+)
+
+__all__ = [
+    "PRECONDITIONERS",
+    "ConvergenceWarning",
+    "EigvalshResult",
+    "JacobiPreconditioner",
+    "NystromPreconditioner",
+    "PivotedCholeskyPreconditioner",
+    "Preconditioner",
+    "SolveInfo",
+    "build_preconditioner",
+    "condition_number",
+    "eigvalsh_extremes",
+    "lanczos",
+    "logdet",
+    "settings",
+    "solve",
+    "spectral_density",
+]
