@@ -83,8 +83,8 @@ def flops(impl, N, width, C, k, layers):
     d = o = width
     if impl == "weight":
         per = 2 * N * C * o * k + 2 * N * o * k * d * 2 + 2 * N * C * o * k
-    elif impl == "cuda":  # per-pair form of the fused kernel
-        per = 2 * N * C * o * k + 2 * N * N * (d + C * o * k)
+    elif impl == "cuda":  # fused S W: the s tile is recomputed for each 64-wide column tile
+        per = 2 * N * C * o * k + 2 * N * N * (d * -(-(o * k) // 64) + o * k) + 2 * N * C * o * k
     else:  # torch / cpp / keops sum over j before contracting with G1
         per = 2 * N * C * o * k + 2 * N * N * (d + o * k) + 2 * N * C * o * k
     return per * layers

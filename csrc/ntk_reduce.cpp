@@ -10,8 +10,8 @@
 // ~32 MiB of tiles per thread); for each block and layer, loop over blocks of rows j
 // (default 2048), form the (bi x bj) tile S = A1[i-block] A2[j-block]^T and accumulate
 // Z += S W[j-block] (Z: (bi, o*k)), then out[i-block] += G1[i-block] @ Z (batched over i).
-// Summing over j before contracting with G1 costs 2 N1 N2 (d + o k) + 2 N1 C o k FLOPs, a factor
-// up to C cheaper than the per-pair form of the GPU kernel, and all inner work is BLAS.
+// Summing over j before contracting with G1 costs 2 N1 N2 (d + o k) + 2 N1 C o k FLOPs (the GPU
+// kernel does the same), and all inner work is BLAS.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>

@@ -1,6 +1,9 @@
 // CUDA side of the kernel-space NTK reduction: torch glue around the torch-free kernel in
 // ntk_reduce_kernel.cuh. Compiled only when the extension is built with CUDA (WITH_CUDA);
 // the entry point is ntk_reduce_cuda(), called by the dispatcher in ntk_reduce.cpp.
+//
+// Per layer l: the fused kernel forms Y_l = (A1_l A2_l^T) W_l  (N1, o_l * k) without an N1 x N2
+// buffer, then out (N1, C, k) += G1_l (N1, C, o_l) @ Y_l (N1, o_l, k) by one batched GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,20 +24,22 @@ at::Tensor ntk_reduce_cuda(const std::vector<at::Tensor>& A1, const std::vector<
   const int64_t N1 = A1[0].size(0), N2 = A2[0].size(0);
   const int64_t C = G1[0].size(1), k = W[0].size(2);
   at::Tensor out = at::zeros({N1, C, k}, A1[0].options());
-  AT_DISPATCH_FLOATING_TYPES(A1[0].scalar_type(), "ntk_reduce_cuda", [&] {
-    for (size_t l = 0; l < A1.size(); ++l) {
-      const int64_t d = A1[l].size(1), o = G1[l].size(2);
-      ntk::Args<scalar_t> a{A1[l].data_ptr<scalar_t>(), G1[l].data_ptr<scalar_t>(),
-                            A2[l].data_ptr<scalar_t>(), W[l].data_ptr<scalar_t>(),
-                            out.data_ptr<scalar_t>(),
-                            N1, N2, d, o, C, k,
-                            C * o, o,        // G1 strides (i, c)
-                            o * k, k,        // W strides (j, o)
-                            C * k, k};       // out strides (i, c)
+  if (N1 == 0 || N2 == 0 || C == 0 || k == 0) return out;
+  for (size_t l = 0; l < A1.size(); ++l) {
+    const int64_t d = A1[l].size(1), o = G1[l].size(2);
+    if (o == 0) continue;
+    at::Tensor Y = at::empty({N1, o, k}, A1[0].options());  // every entry written by the kernel
+    AT_DISPATCH_FLOATING_TYPES(A1[0].scalar_type(), "ntk_reduce_cuda", [&] {
+      ntk::Args<scalar_t> a{A1[l].data_ptr<scalar_t>(), A2[l].data_ptr<scalar_t>(),
+                            W[l].data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(),
+                            N1, N2, d, o * k,
+                            o * k,    // W stride (j)
+                            o * k};   // Y stride (i)
       const cudaError_t err = ntk::launch_ntk_reduce<scalar_t>(a, stream);
       TORCH_CHECK(err == cudaSuccess, "ntk_reduce_cuda: kernel launch failed for layer ", l,
                   ": ", cudaGetErrorString(err));
-    }
-  });
+    });
+    out.baddbmm_(G1[l], Y);  // (N1, C, o) @ (N1, o, k), on the current stream
+  }
   return out;
 }

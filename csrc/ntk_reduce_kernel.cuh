@@ -1,25 +1,38 @@
 // Fused kernel-space NTK reduction: the CUDA kernel, torch-free.
 //
 // For one Linear layer with factors
-//   A1 (N1, d)      layer inputs, side 1            (row-major, contiguous)
-//   G1 (N1, C, o)   output gradients, side 1        (o contiguous; i and c strided)
-//   A2 (N2, d)      layer inputs, side 2            (row-major, contiguous)
-//   W  (N2, o, k)   W[j] = sum_c' G2[j,c',:] (x) V[j,c',:], precomputed by the caller
-// the kernel accumulates
-//   out[i,c,r] += sum_j (A1[i] . A2[j]) * (G1[i,c,:] . W[j,:,r])          out (N1, C, k)
-// without ever writing an N1 x N2 tile to global memory (the FlashAttention pattern):
+//   A1 (N1, d)        layer inputs, side 1                      (row-major, contiguous)
+//   A2 (N2, d)        layer inputs, side 2                      (row-major, contiguous)
+//   W  (N2, o*k)      W[j] = sum_c' G2[j,c',:] (x) V[j,c',:], flattened over (o, r)
+// the kernel computes
+//   Y[i, q] = sum_j (A1[i] . A2[j]) W[j, q]                     Y (N1, o*k)
+// i.e. Y = S W with S = A1 A2^T, without ever writing S (N1 x N2) to global memory -- the
+// FlashAttention pattern without softmax. The torch glue (ntk_reduce_cuda.cu) then adds the
+// cheap batched contraction out[i, c, r] += sum_q G1[i, c, q] Y[i, q, r] (one bmm per layer).
+// Summing over j before contracting with G1 costs 2 (d + o k) FLOPs per (i, j) pair (per
+// column tile for the d part), C times less than contracting with G1 inside the j loop.
 //
-//   * a thread block owns a tile of TI rows i and all (c, r) for them;
-//   * it loops over tiles of kTileJ rows j; for each tile it
-//       1. stages A1[i-tile, d-chunk] and A2[j-tile, d-chunk] in shared memory and forms the
-//          TI x kTileJ inner products s(i, j) (two values per thread, in registers, then smem);
-//       2. stages G1[i-tile, :, o-chunk] and W[j-tile, o-chunk, :] in shared memory and forms the
-//          products p(i,c,j,r) = G1[i,c,:] . W[j,:,r] in registers;
-//       3. multiplies s * p and accumulates over j in registers;
-//   * at the end, the partial sums of the NJ thread groups that split the j-columns of a tile
-//     are added through shared memory and written (added) to out.
+// Tiling (a block of kThreads = 256 threads laid out as a 16 x 16 grid (ty, tx)):
+//   * the grid covers (tiles of BI rows i) x (tiles of BOK flattened columns q);
+//   * each block loops over tiles of BJ rows j:
+//       1. for each chunk of BD entries of d, A1[i-tile, chunk] and A2[j-tile, chunk] are staged
+//          (transposed, padded) in shared memory and the s tile s(i, j) = A1[i] . A2[j]
+//          (BI x BJ) is accumulated in registers, (BI/16) x (BJ/16) per thread; it is then
+//          stored to shared memory;
+//       2. the W tile W[j-tile, q-tile] (BJ x BOK) is staged in shared memory (in the space of
+//          the A tiles, which are dead by then) and Y_tile += s_tile W_tile is accumulated in
+//          registers, a (BI/16) x (BOK/16) micro-tile per thread (rows ty + 16 m, columns
+//          tx + 16 n: conflict-free shared reads, coalesced writes);
+//   * Y is written once at the end (stored, not accumulated).
+// The s tile is recomputed for every column tile (d FMAs per pair per column tile).
+// Out-of-range rows/columns/entries are staged as zeros, so ragged edges need no branches in
+// the inner loops; only the final store is bounds-checked. Every barrier is reached by all
+// threads of the block (the loop bounds are uniform across the block).
 //
-// FLOPs per (i, j) pair: 2 (d + C o k); plain FMA in the input dtype (float32 or float64).
+// Two tile shapes; the host picks by the number of columns o*k:
+//   TileWide   BI=64,  BJ=32, BOK=64, BD=32  (o*k > 16)   4 x 4 Y micro-tile per thread
+//   TileNarrow BI=128, BJ=16, BOK=16, BD=16  (o*k <= 16)  8 x 1 Y micro-tile per thread
+// Shared memory is static and at most 48 KiB for float64 (checked by static_assert).
 //
 // This header holds no torch and no CUDA-runtime dependency in its device code, so that
 //   * nvcc can compile it on a machine whose torch wheel has no CUDA headers (see the tests);
@@ -46,7 +59,7 @@
 #define NTK_TID() (static_cast<int>(threadIdx.x))
 #define NTK_BID() (static_cast<int64_t>(blockIdx.x))
 #define NTK_SYNC() __syncthreads()
-#define NTK_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define NTK_DECLARE_SMEM(name, bytes) __shared__ __align__(16) unsigned char name[bytes]
 #else
 #error "ntk_reduce_kernel.cuh needs nvcc (__CUDACC__) or NTK_EMULATION with its hooks"
 #endif
@@ -54,287 +67,189 @@
 namespace ntk {
 
 constexpr int kThreads = 256;  // threads per block (matches __launch_bounds__ above)
-constexpr int kTileJ = 16;     // rows j per tile
-constexpr int kChunk = 32;     // chunk of the d and o axes staged in shared memory
-constexpr int kPad = kChunk + 1;  // padded row stride of staged A / G tiles (no bank conflicts)
-constexpr int kEPT = 4;        // output elements (i, c, r) per thread, at most
-constexpr int kMaxTileI = 32;  // rows i per block, at most
-constexpr int kSPT = (kMaxTileI * kTileJ + kThreads - 1) / kThreads;  // s(i,j) per thread
-constexpr size_t kDefaultSmemLimit = 48 * 1024;  // dynamic smem without an opt-in
+constexpr int kSide = 16;      // the block is a kSide x kSide grid of threads (ty, tx)
+constexpr size_t kStaticSmemLimit = 48 * 1024;
 
-static_assert(kThreads == 256, "NTK_KERNEL's __launch_bounds__ hard-codes 256");
+static_assert(kThreads == 256 && kSide * kSide == kThreads,
+              "NTK_KERNEL's __launch_bounds__ hard-codes 256 = 16 x 16");
 
-// Arguments of one launch. Chunks over c and r are expressed through the pointers and strides
-// (the r axis of W and out and the o axis of G1 always have stride 1).
+// Tile shape: BI rows i, BJ rows j, BOK columns q per block; d staged in chunks of BD.
+template <int BI_, int BJ_, int BOK_, int BD_>
+struct Tile {
+  static constexpr int BI = BI_, BJ = BJ_, BOK = BOK_, BD = BD_;
+  static constexpr int TM = BI / kSide;   // Y and s rows per thread
+  static constexpr int TJ = BJ / kSide;   // s columns per thread
+  static constexpr int TN = BOK / kSide;  // Y columns per thread
+  static constexpr int LDA1 = BI + 1;     // padded strides of the transposed A tiles / s tile
+  static constexpr int LDA2 = BJ + 1;
+  static constexpr int kS = BJ * LDA1;                    // sS  [BJ][LDA1]
+  static constexpr int kA = BD * LDA1 + BD * LDA2;        // sA1 [BD][LDA1], sA2 [BD][LDA2]
+  static constexpr int kW = BJ * BOK;                     // sW  [BJ][BOK] (aliases sA1/sA2)
+  static constexpr int kStage = kA > kW ? kA : kW;
+  static constexpr int kElems = kS + kStage;
+  template <typename T>
+  static constexpr size_t smem_bytes() { return size_t(kElems) * sizeof(T); }
+  static_assert(BI % kSide == 0 && BJ % kSide == 0 && BOK % kSide == 0, "tiles of 16");
+  static_assert(size_t(kElems) * sizeof(double) <= kStaticSmemLimit, "static smem > 48 KiB");
+};
+
+using TileWide = Tile<64, 32, 64, 32>;
+using TileNarrow = Tile<128, 16, 16, 16>;
+
+// Arguments of one launch (one layer).
 template <typename T>
 struct Args {
   const T* A1;  // (N1, d) contiguous
-  const T* G1;  // (N1, C, o): element [i, c, q] at i * g_si + c * g_sc + q
   const T* A2;  // (N2, d) contiguous
-  const T* W;   // (N2, o, k): element [j, q, r] at j * w_sj + q * w_so + r
-  T* out;       // (N1, C, k): element [i, c, r] at i * out_si + c * out_sc + r  (accumulated)
-  int64_t N1, N2, d, o;
-  int64_t C, k;  // number of outputs c and columns r handled by this launch
-  int64_t g_si, g_sc;
-  int64_t w_sj, w_so;
-  int64_t out_si, out_sc;
+  const T* W;   // (N2, ok): element [j, q] at j * w_sj + q
+  T* Y;         // (N1, ok): element [i, q] at i * y_si + q   (written, not accumulated)
+  int64_t N1, N2, d, ok;
+  int64_t w_sj, y_si;
 };
 
-// Shared memory (in elements of T) of a block with tile TI, C outputs and k columns.
-NTK_HD int64_t smem_elems(int64_t TI, int64_t C, int64_t k) {
-  const int64_t tiles = TI * kTileJ                    // sS  [TI][kTileJ]
-                        + TI * kPad                    // sA1 [TI][kPad]
-                        + int64_t(kTileJ) * kPad       // sA2 [kTileJ][kPad]
-                        + TI * C * kPad                // sG  [TI*C][kPad]
-                        + int64_t(kTileJ) * kChunk * k;  // sW  [kTileJ][kChunk][k]
-  const int64_t reduction = int64_t(kThreads) * kEPT;  // final cross-group reduction buffer
-  return tiles > reduction ? tiles : reduction;
-}
+template <typename T, typename TL>
+NTK_KERNEL void ntk_reduce_kernel(Args<T> a) {
+  constexpr int BI = TL::BI, BJ = TL::BJ, BOK = TL::BOK, BD = TL::BD;
+  constexpr int TM = TL::TM, TJ = TL::TJ, TN = TL::TN;
+  constexpr int LDA1 = TL::LDA1, LDA2 = TL::LDA2;
 
-template <typename T, int NJ>
-NTK_KERNEL void ntk_reduce_kernel(Args<T> a, int TI) {
-  static_assert(kThreads % NJ == 0 && kTileJ % NJ == 0, "NJ must divide the block and the tile");
-  constexpr int NE = kThreads / NJ;  // threads along the output elements
-  constexpr int QJ = kTileJ / NJ;    // columns j of a tile handled by one thread
-
-  NTK_DECLARE_SMEM(ntk_smem_raw);
+  NTK_DECLARE_SMEM(ntk_smem_raw, size_t(TL::kElems) * sizeof(T));
   T* const smem = reinterpret_cast<T*>(ntk_smem_raw);
-  const int C = static_cast<int>(a.C);
-  const int K = static_cast<int>(a.k);
-  const int rows = TI * C;  // staged G1 rows (ii, c)
-  const int E = rows * K;   // output elements (ii, c, r) of this block; E <= NE * kEPT
-  T* const sS = smem;                  // [TI][kTileJ]
-  T* const sA1 = sS + TI * kTileJ;     // [TI][kPad]
-  T* const sA2 = sA1 + TI * kPad;      // [kTileJ][kPad]
-  T* const sG = sA2 + kTileJ * kPad;   // [rows][kPad]
-  T* const sW = sG + rows * kPad;      // [kTileJ][kChunk][K]
+  T* const sS = smem;                 // [BJ][LDA1]: s(i0 + ii, j0 + jj) at jj * LDA1 + ii
+  T* const sA1 = smem + TL::kS;       // [BD][LDA1]: A1[i0 + ii, d0 + kk] at kk * LDA1 + ii
+  T* const sA2 = sA1 + BD * LDA1;     // [BD][LDA2]: A2[j0 + jj, d0 + kk] at kk * LDA2 + jj
+  T* const sW = smem + TL::kS;        // [BJ][BOK]:  W[j0 + jj, q0 + qq]  (aliases sA1/sA2)
 
   const T* NTK_RESTRICT A1 = a.A1;
   const T* NTK_RESTRICT A2 = a.A2;
-  const T* NTK_RESTRICT G1 = a.G1;
   const T* NTK_RESTRICT W = a.W;
 
   const int tid = NTK_TID();
-  const int te = tid % NE;  // element group
-  const int tj = tid / NE;  // column group: columns tj, tj + NJ, ...
-  const int64_t i0 = NTK_BID() * TI;
+  const int tx = tid % kSide;
+  const int ty = tid / kSide;
+  const int64_t ncol = (a.ok + BOK - 1) / BOK;
+  const int64_t bid = NTK_BID();
+  const int64_t i0 = (bid / ncol) * BI;  // blocks of one row tile are adjacent (A1 reuse in L2)
+  const int64_t q0 = (bid % ncol) * BOK;
 
-  T acc[kEPT];
+  T acc[TM][TN];
 #pragma unroll
-  for (int m = 0; m < kEPT; ++m) acc[m] = T(0);
-
-  for (int64_t j0 = 0; j0 < a.N2; j0 += kTileJ) {
-    // ---- 1. s(i, j) = A1[i] . A2[j] on the TI x kTileJ tile -----------------------------
-    T sacc[kSPT];
+  for (int m = 0; m < TM; ++m) {
 #pragma unroll
-    for (int s = 0; s < kSPT; ++s) sacc[s] = T(0);
-    for (int64_t d0 = 0; d0 < a.d; d0 += kChunk) {
-      for (int idx = tid; idx < TI * kChunk; idx += kThreads) {
-        const int ii = idx / kChunk, kk = idx % kChunk;
-        const int64_t gi = i0 + ii, gk = d0 + kk;
-        sA1[ii * kPad + kk] = (gi < a.N1 && gk < a.d) ? A1[gi * a.d + gk] : T(0);
-      }
-      for (int idx = tid; idx < kTileJ * kChunk; idx += kThreads) {
-        const int jj = idx / kChunk, kk = idx % kChunk;
-        const int64_t gj = j0 + jj, gk = d0 + kk;
-        sA2[jj * kPad + kk] = (gj < a.N2 && gk < a.d) ? A2[gj * a.d + gk] : T(0);
-      }
-      NTK_SYNC();
-#pragma unroll
-      for (int s = 0; s < kSPT; ++s) {
-        const int e = tid + s * kThreads;
-        if (e < TI * kTileJ) {
-          const T* x = sA1 + (e / kTileJ) * kPad;
-          const T* y = sA2 + (e % kTileJ) * kPad;
-          T v = sacc[s];
-#pragma unroll 8
-          for (int kk = 0; kk < kChunk; ++kk) v += x[kk] * y[kk];
-          sacc[s] = v;
-        }
-      }
-      NTK_SYNC();
-    }
-#pragma unroll
-    for (int s = 0; s < kSPT; ++s) {
-      const int e = tid + s * kThreads;
-      if (e < TI * kTileJ) sS[e] = sacc[s];
-    }
-    // (sS is read only after the first barrier of the o-loop below; o >= 1.)
-
-    // ---- 2. p(i, c, j, r) = G1[i, c, :] . W[j, :, r] -------------------------------------
-    T p[kEPT][QJ];
-#pragma unroll
-    for (int m = 0; m < kEPT; ++m) {
-#pragma unroll
-      for (int q = 0; q < QJ; ++q) p[m][q] = T(0);
-    }
-    for (int64_t o0 = 0; o0 < a.o; o0 += kChunk) {
-      for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
-        const int row = idx / kChunk, kk = idx % kChunk;
-        const int ii = row / C, c = row % C;
-        const int64_t gi = i0 + ii, gq = o0 + kk;
-        sG[row * kPad + kk] = (gi < a.N1 && gq < a.o) ? G1[gi * a.g_si + c * a.g_sc + gq] : T(0);
-      }
-      for (int idx = tid; idx < kTileJ * kChunk * K; idx += kThreads) {
-        const int jj = idx / (kChunk * K);
-        const int rem = idx % (kChunk * K);
-        const int kk = rem / K, r = rem % K;
-        const int64_t gj = j0 + jj, gq = o0 + kk;
-        sW[idx] = (gj < a.N2 && gq < a.o) ? W[gj * a.w_sj + gq * a.w_so + r] : T(0);
-      }
-      NTK_SYNC();
-#pragma unroll
-      for (int m = 0; m < kEPT; ++m) {
-        const int e = te + m * NE;
-        if (e < E) {
-          const int row = e / K, r = e % K;
-          const T* g = sG + row * kPad;
-          for (int kk = 0; kk < kChunk; ++kk) {
-            const T gv = g[kk];
-#pragma unroll
-            for (int q = 0; q < QJ; ++q) {
-              const int jj = tj + q * NJ;
-              p[m][q] += gv * sW[(jj * kChunk + kk) * K + r];
-            }
-          }
-        }
-      }
-      NTK_SYNC();
-    }
-
-    // ---- 3. acc(i, c, r) += sum_j s(i, j) p(i, c, j, r) -----------------------------------
-#pragma unroll
-    for (int m = 0; m < kEPT; ++m) {
-      const int e = te + m * NE;
-      if (e < E) {
-        const int ii = (e / K) / C;
-#pragma unroll
-        for (int q = 0; q < QJ; ++q) acc[m] += sS[ii * kTileJ + tj + q * NJ] * p[m][q];
-      }
-    }
-    NTK_SYNC();  // sS and the staging buffers are rewritten by the next tile
+    for (int n = 0; n < TN; ++n) acc[m][n] = T(0);
   }
 
-  // ---- reduce the NJ column groups and write ---------------------------------------------
-  T* const red = smem;  // [NJ][NE * kEPT]
+  for (int64_t j0 = 0; j0 < a.N2; j0 += BJ) {
+    // ---- 1. s tile: s(ii, jj) = A1[i0 + ii] . A2[j0 + jj], rows ty + 16 m, cols tx + 16 n ---
+    T sacc[TM][TJ];
 #pragma unroll
-  for (int m = 0; m < kEPT; ++m) red[tj * (NE * kEPT) + te + m * NE] = acc[m];
-  NTK_SYNC();
-  for (int e = tid; e < E; e += kThreads) {
-    T v = T(0);
+    for (int m = 0; m < TM; ++m) {
 #pragma unroll
-    for (int t = 0; t < NJ; ++t) v += red[t * (NE * kEPT) + e];
-    const int row = e / K, r = e % K;
-    const int ii = row / C, c = row % C;
-    const int64_t gi = i0 + ii;
-    if (gi < a.N1) a.out[gi * a.out_si + c * a.out_sc + r] += v;
+      for (int n = 0; n < TJ; ++n) sacc[m][n] = T(0);
+    }
+    for (int64_t d0 = 0; d0 < a.d; d0 += BD) {
+      // coalesced global reads along d; transposed, padded stores (conflict-free)
+      for (int idx = tid; idx < BI * BD; idx += kThreads) {
+        const int ii = idx / BD, kk = idx % BD;
+        const int64_t gi = i0 + ii, gk = d0 + kk;
+        sA1[kk * LDA1 + ii] = (gi < a.N1 && gk < a.d) ? A1[gi * a.d + gk] : T(0);
+      }
+      for (int idx = tid; idx < BJ * BD; idx += kThreads) {
+        const int jj = idx / BD, kk = idx % BD;
+        const int64_t gj = j0 + jj, gk = d0 + kk;
+        sA2[kk * LDA2 + jj] = (gj < a.N2 && gk < a.d) ? A2[gj * a.d + gk] : T(0);
+      }
+      NTK_SYNC();
+#pragma unroll 4
+      for (int kk = 0; kk < BD; ++kk) {
+        T x[TM], y[TJ];
+#pragma unroll
+        for (int m = 0; m < TM; ++m) x[m] = sA1[kk * LDA1 + ty + kSide * m];
+#pragma unroll
+        for (int n = 0; n < TJ; ++n) y[n] = sA2[kk * LDA2 + tx + kSide * n];
+#pragma unroll
+        for (int m = 0; m < TM; ++m) {
+#pragma unroll
+          for (int n = 0; n < TJ; ++n) sacc[m][n] += x[m] * y[n];
+        }
+      }
+      NTK_SYNC();  // sA1/sA2 are rewritten by the next chunk (or by sW below)
+    }
+#pragma unroll
+    for (int m = 0; m < TM; ++m) {
+#pragma unroll
+      for (int n = 0; n < TJ; ++n) sS[(tx + kSide * n) * LDA1 + ty + kSide * m] = sacc[m][n];
+    }
+
+    // ---- 2. Y_tile += s_tile W_tile ---------------------------------------------------------
+    // sW aliases sA1/sA2: every read of those ended at the last barrier of the d loop (or, when
+    // d == 0, at the closing barrier of the previous j tile).
+    for (int idx = tid; idx < BJ * BOK; idx += kThreads) {
+      const int jj = idx / BOK, qq = idx % BOK;
+      const int64_t gj = j0 + jj, gq = q0 + qq;
+      sW[idx] = (gj < a.N2 && gq < a.ok) ? W[gj * a.w_sj + gq] : T(0);
+    }
+    NTK_SYNC();  // sS and sW complete
+#pragma unroll 4
+    for (int jj = 0; jj < BJ; ++jj) {
+      T s[TM], w[TN];
+#pragma unroll
+      for (int m = 0; m < TM; ++m) s[m] = sS[jj * LDA1 + ty + kSide * m];
+#pragma unroll
+      for (int n = 0; n < TN; ++n) w[n] = sW[jj * BOK + tx + kSide * n];
+#pragma unroll
+      for (int m = 0; m < TM; ++m) {
+#pragma unroll
+        for (int n = 0; n < TN; ++n) acc[m][n] += s[m] * w[n];
+      }
+    }
+    NTK_SYNC();  // sS and sW (= sA1/sA2) are rewritten by the next j tile
+  }
+
+  // ---- write Y once ------------------------------------------------------------------------
+#pragma unroll
+  for (int m = 0; m < TM; ++m) {
+    const int64_t gi = i0 + ty + kSide * m;
+    if (gi < a.N1) {
+#pragma unroll
+      for (int n = 0; n < TN; ++n) {
+        const int64_t gq = q0 + tx + kSide * n;
+        if (gq < a.ok) a.Y[gi * a.y_si + gq] = acc[m][n];
+      }
+    }
   }
 }
 
 // ---- host-side planning (plain C++, shared by the CUDA launcher and the emulator) -----------
 
-struct Plan {
-  int NJ = 0;             // column groups (template parameter of the kernel): 1, 4 or 16
-  int TI = 0;             // rows i per block
-  int64_t c_chunk = 0;    // outputs c per launch
-  int64_t k_chunk = 0;    // columns r per launch
-  size_t smem_bytes = 0;  // dynamic shared memory per block
-};
+enum class TileKind { Wide, Narrow };
 
-// Largest TI that fits the element budget of NJ and the shared-memory limit; 0 if none.
-inline int tile_i(int NJ, int64_t C, int64_t k, size_t elem_size, size_t smem_limit) {
-  const int64_t budget = int64_t(kThreads / NJ) * kEPT;
-  int64_t TI = budget / (C * k);
-  if (TI > kMaxTileI) TI = kMaxTileI;
-  while (TI >= 1 && size_t(smem_elems(TI, C, k)) * elem_size > smem_limit) --TI;
-  return TI >= 1 ? static_cast<int>(TI) : 0;
-}
+// Narrow tiles (16 columns, 128 rows) when o*k fits in one of them, else wide ones.
+inline TileKind pick_tile(int64_t ok) { return ok <= TileNarrow::BOK ? TileKind::Narrow
+                                                                     : TileKind::Wide; }
 
-// Choose NJ, TI and the (c, r) chunking. The score is rows i processed per unit of the longest
-// per-thread work in phase 2: TI / (ceil(E / NE) * kTileJ / NJ).
-inline Plan make_plan(int64_t C, int64_t k, size_t elem_size, size_t smem_limit) {
-  int64_t cc = C, kc = k;
-  for (;;) {
-    Plan best;
-    double best_score = -1.0;
-    const int candidates[3] = {1, 4, 16};
-    for (int NJ : candidates) {
-      const int TI = tile_i(NJ, cc, kc, elem_size, smem_limit);
-      if (TI == 0) continue;
-      const int64_t NE = kThreads / NJ;
-      const int64_t E = int64_t(TI) * cc * kc;
-      const double work = double((E + NE - 1) / NE) * double(kTileJ / NJ);
-      const double score = double(TI) / work;
-      if (score > best_score * (1.0 + 1e-9)) {
-        best_score = score;
-        best.NJ = NJ;
-        best.TI = TI;
-      }
-    }
-    if (best.NJ != 0) {
-      best.c_chunk = cc;
-      best.k_chunk = kc;
-      best.smem_bytes = size_t(smem_elems(best.TI, cc, kc)) * elem_size;
-      return best;
-    }
-    if (kc > 1) {
-      kc = (kc + 1) / 2;
-    } else if (cc > 1) {
-      cc = (cc + 1) / 2;
-    } else {
-      return Plan{};  // NJ == 0: shared-memory limit too small even for one (i, c, r)
-    }
-  }
-}
-
-// Walk the (c, r) chunks of a full problem and hand each launch to `launch(args, plan, grid)`.
-// Returns false when no plan fits (smem_limit too small).
-template <typename T, typename Launch>
-bool for_each_launch(const Args<T>& full, size_t smem_limit, Launch&& launch) {
-  if (full.N1 == 0 || full.C == 0 || full.k == 0) return true;  // nothing to write
-  const Plan plan = make_plan(full.C, full.k, sizeof(T), smem_limit);
-  if (plan.NJ == 0) return false;
-  const int64_t grid = (full.N1 + plan.TI - 1) / plan.TI;
-  for (int64_t c0 = 0; c0 < full.C; c0 += plan.c_chunk) {
-    for (int64_t r0 = 0; r0 < full.k; r0 += plan.k_chunk) {
-      Args<T> a = full;
-      a.C = (full.C - c0 < plan.c_chunk) ? full.C - c0 : plan.c_chunk;
-      a.k = (full.k - r0 < plan.k_chunk) ? full.k - r0 : plan.k_chunk;
-      a.G1 = full.G1 + c0 * full.g_sc;
-      a.W = full.W + r0;
-      a.out = full.out + c0 * full.out_sc + r0;
-      launch(a, plan, grid);
-    }
-  }
-  return true;
+// Number of blocks of the 1-D grid for tile TL: ceil(N1 / BI) * ceil(ok / BOK).
+template <typename TL>
+inline int64_t grid_size(int64_t N1, int64_t ok) {
+  return ((N1 + TL::BI - 1) / TL::BI) * ((ok + TL::BOK - 1) / TL::BOK);
 }
 
 #if defined(__CUDACC__) && !defined(NTK_EMULATION)
-// Launch the reduction for one layer on `stream` (out is accumulated into). Returns the first
-// CUDA error, or cudaErrorInvalidConfiguration when no plan fits the shared-memory limit.
+template <typename T, typename TL>
+cudaError_t launch_tile(const Args<T>& a, cudaStream_t stream) {
+  const int64_t grid = grid_size<TL>(a.N1, a.ok);
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  ntk_reduce_kernel<T, TL><<<dim3(static_cast<unsigned int>(grid)), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Launch Y = (A1 A2^T) W for one layer on `stream` (Y is written; with N2 == 0 it is zeroed).
+// Returns the launch's CUDA error; nothing is launched when N1 == 0 or ok == 0.
 template <typename T>
-cudaError_t launch_ntk_reduce(const Args<T>& full, cudaStream_t stream,
-                              size_t smem_limit = kDefaultSmemLimit) {
-  cudaError_t err = cudaSuccess;
-  const bool ok = for_each_launch(full, smem_limit, [&](const Args<T>& a, const Plan& plan,
-                                                        int64_t grid) {
-    if (err != cudaSuccess) return;
-    const dim3 blocks(static_cast<unsigned int>(grid));
-    switch (plan.NJ) {
-      case 1:
-        ntk_reduce_kernel<T, 1><<<blocks, kThreads, plan.smem_bytes, stream>>>(a, plan.TI);
-        break;
-      case 4:
-        ntk_reduce_kernel<T, 4><<<blocks, kThreads, plan.smem_bytes, stream>>>(a, plan.TI);
-        break;
-      default:
-        ntk_reduce_kernel<T, 16><<<blocks, kThreads, plan.smem_bytes, stream>>>(a, plan.TI);
-        break;
-    }
-    err = cudaGetLastError();
-  });
-  if (!ok) return cudaErrorInvalidConfiguration;
-  return err;
+cudaError_t launch_ntk_reduce(const Args<T>& a, cudaStream_t stream) {
+  if (a.N1 == 0 || a.ok == 0) return cudaSuccess;
+  return pick_tile(a.ok) == TileKind::Narrow ? launch_tile<T, TileNarrow>(a, stream)
+                                             : launch_tile<T, TileWide>(a, stream);
 }
 #endif
 

@@ -396,7 +396,9 @@ def _compiler():
 @pytest.mark.skipif(_compiler() is None, reason="needs a C++20 compiler")
 def test_cuda_kernel_under_cpu_emulation(tmp_path):
     """Run the kernel body of ntk_reduce_kernel.cuh with one std::thread per CUDA thread and
-    std::barrier for __syncthreads(), over ragged tiles, every NJ variant and (c, r) chunking."""
+    std::barrier for __syncthreads(), with both tile shapes, over ragged tiles (N1, N2, d, o*k
+    not multiples of the tiles), C in {1, 3, 10}, k in {1, 4}, several layers, float32 and
+    float64; Y's guard rows/columns check that exactly the valid entries are written."""
     exe = tmp_path / "emulate"
     src = REPO / "tests" / "csrc" / "ntk_reduce_emulate.cpp"
     subprocess.run(

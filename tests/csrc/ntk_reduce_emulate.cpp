@@ -1,9 +1,18 @@
 // Runs the CUDA kernel of csrc/ntk_reduce_kernel.cuh on the CPU under an emulation of the CUDA
 // execution model -- one std::thread per CUDA thread, std::barrier for __syncthreads(), blocks
 // one after another -- and checks it against a plain float64 loop. Used by
-// tests/test_kernel_space.py so that the kernel's indexing, tiling, chunking and barriers are
-// tested on machines without a GPU. Build: g++ -std=c++20 -O1 -pthread -I csrc THIS -o emu
+// tests/test_kernel_space.py so that the kernel's indexing, tiling, ragged edges and barriers
+// are tested on machines without a GPU. Build: g++ -std=c++20 -O1 -pthread -I csrc THIS -o emu
 // Exit status 0 when every case passes; one line per case on stdout.
+//
+// Each case has several layers; per layer the kernel computes Y_l = (A1_l A2_l^T) W_l, and the
+// harness emulates the glue of ntk_reduce_cuda.cu (out += G1_l @ Y_l, a plain loop), then
+// compares out with the per-pair reference
+//   out[i,c,r] = sum_l sum_j (A1_l[i].A2_l[j]) (G1_l[i,c,:].W_l[j,:,r]).
+// Every case runs with both tile shapes (wide and narrow), whatever the planner would pick.
+// Y lives in a buffer with guard columns (row stride > o*k) and guard rows, filled with a
+// sentinel, to check that the kernel writes every entry of Y and nothing else; shared memory
+// is filled with 0xFF bytes (NaN) per block to catch reads of unstaged data.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -22,127 +31,145 @@ static std::vector<unsigned char> emu_smem;
 #define NTK_TID() (emu_tid)
 #define NTK_BID() (emu_bid)
 #define NTK_SYNC() (emu_barrier->arrive_and_wait())
-#define NTK_DECLARE_SMEM(name) unsigned char* name = emu_smem.data()
+#define NTK_DECLARE_SMEM(name, bytes) unsigned char* name = emu_smem.data()
 #include "ntk_reduce_kernel.cuh"
 
-template <typename T, int NJ>
-static void emu_run(const ntk::Args<T>& a, const ntk::Plan& plan, int64_t grid) {
+template <typename T, typename TL>
+static void emu_run(const ntk::Args<T>& a) {
+  if (a.N1 == 0 || a.ok == 0) return;  // as launch_ntk_reduce
+  const int64_t grid = ntk::grid_size<TL>(a.N1, a.ok);
   for (int64_t b = 0; b < grid; ++b) {
-    // Garbage (0xFF bytes: NaN) in shared memory catches reads of unstaged data.
-    emu_smem.assign(plan.smem_bytes, 0xFF);
+    emu_smem.assign(TL::template smem_bytes<T>(), 0xFF);
     emu_bid = b;
     std::barrier<> bar(ntk::kThreads);
     emu_barrier = &bar;
     std::vector<std::thread> threads;
     threads.reserve(ntk::kThreads);
     for (int t = 0; t < ntk::kThreads; ++t) {
-      threads.emplace_back([&a, &plan, t] {
+      threads.emplace_back([&a, t] {
         emu_tid = t;
-        ntk::ntk_reduce_kernel<T, NJ>(a, plan.TI);
+        ntk::ntk_reduce_kernel<T, TL>(a);
       });
     }
     for (auto& th : threads) th.join();
   }
 }
 
-struct Case {
-  int64_t N1, N2, d, o, C, k;
-  bool dbl;
-  size_t smem_limit;
-  int force_nj;  // 0: planner's choice
+struct Layer {
+  int64_t d, o;
 };
 
-template <typename T>
-static bool run_case(const Case& cs, std::mt19937_64& rng) {
+struct Case {
+  int64_t N1, N2, C, k;
+  std::vector<Layer> layers;
+  bool dbl;
+};
+
+constexpr int64_t kGuardCols = 3, kGuardRows = 2;
+constexpr double kSentinel = 12345.0;
+
+template <typename T, typename TL>
+static bool run_case(const Case& cs, const char* tile_name, uint64_t seed) {
+  std::mt19937_64 rng(seed);
   std::normal_distribution<double> nd(0.0, 1.0);
   auto fill = [&](std::vector<T>& v, size_t n) {
     v.resize(n);
     for (auto& x : v) x = T(nd(rng));
   };
-  std::vector<T> A1, G1, A2, W, out0;
-  fill(A1, cs.N1 * cs.d);
-  fill(G1, cs.N1 * cs.C * cs.o);
-  fill(A2, cs.N2 * cs.d);
-  fill(W, cs.N2 * cs.o * cs.k);
-  fill(out0, cs.N1 * cs.C * cs.k);  // the kernel accumulates: start from nonzero values
-  std::vector<T> out = out0;
-
-  ntk::Args<T> a{A1.data(), G1.data(), A2.data(), W.data(), out.data(),
-                 cs.N1, cs.N2, cs.d, cs.o, cs.C, cs.k,
-                 cs.C * cs.o, cs.o, cs.o * cs.k, cs.k, cs.C * cs.k, cs.k};
-  int launches = 0;
-  ntk::Plan used;
-  const bool ok = ntk::for_each_launch(a, cs.smem_limit, [&](const ntk::Args<T>& la,
-                                                              const ntk::Plan& plan, int64_t grid) {
-    ntk::Plan p = plan;
-    if (cs.force_nj != 0) {
-      p.NJ = cs.force_nj;
-      p.TI = ntk::tile_i(p.NJ, la.C, la.k, sizeof(T), cs.smem_limit);
-      grid = (la.N1 + p.TI - 1) / p.TI;
-      p.smem_bytes = size_t(ntk::smem_elems(p.TI, plan.c_chunk, plan.k_chunk)) * sizeof(T);
-    }
-    used = p;
-    ++launches;
-    switch (p.NJ) {
-      case 1: emu_run<T, 1>(la, p, grid); break;
-      case 4: emu_run<T, 4>(la, p, grid); break;
-      default: emu_run<T, 16>(la, p, grid); break;
-    }
-  });
-  if (!ok) {
-    std::printf("FAIL no plan N1=%ld\n", long(cs.N1));
-    return false;
-  }
-  double max_err = 0.0, max_ref = 0.0;
-  for (int64_t i = 0; i < cs.N1; ++i) {
-    for (int64_t c = 0; c < cs.C; ++c) {
-      for (int64_t r = 0; r < cs.k; ++r) {
-        double ref = double(out0[(i * cs.C + c) * cs.k + r]);
-        for (int64_t j = 0; j < cs.N2; ++j) {
-          double s = 0.0, p = 0.0;
-          for (int64_t q = 0; q < cs.d; ++q) s += double(A1[i * cs.d + q]) * double(A2[j * cs.d + q]);
-          for (int64_t q = 0; q < cs.o; ++q)
-            p += double(G1[(i * cs.C + c) * cs.o + q]) * double(W[(j * cs.o + q) * cs.k + r]);
-          ref += s * p;
-        }
-        const double got = double(out[(i * cs.C + c) * cs.k + r]);
-        const double err = std::fabs(got - ref);
-        if (!(err <= max_err)) max_err = err;  // NaN propagates
-        if (std::fabs(ref) > max_ref) max_ref = std::fabs(ref);
+  const int64_t N1 = cs.N1, N2 = cs.N2, C = cs.C, k = cs.k;
+  std::vector<double> out(N1 * C * k, 0.0), ref(N1 * C * k, 0.0);
+  bool guards_ok = true;
+  for (const Layer& ly : cs.layers) {
+    const int64_t d = ly.d, o = ly.o, ok = o * k;
+    std::vector<T> A1, G1, A2, W;
+    fill(A1, N1 * d);
+    fill(G1, N1 * C * o);
+    fill(A2, N2 * d);
+    fill(W, N2 * ok);
+    // Y with guard columns and rows, all sentinel
+    const int64_t y_si = ok + kGuardCols;
+    std::vector<T> Y((N1 + kGuardRows) * y_si, T(kSentinel));
+    ntk::Args<T> a{A1.data(), A2.data(), W.data(), Y.data(), N1, N2, d, ok, ok, y_si};
+    emu_run<T, TL>(a);
+    for (int64_t i = 0; i < N1 + kGuardRows; ++i) {
+      for (int64_t q = 0; q < y_si; ++q) {
+        const bool inside = i < N1 && q < ok;
+        const bool sentinel = Y[i * y_si + q] == T(kSentinel);
+        if (inside == sentinel) guards_ok = false;  // unwritten inside, or written outside
       }
     }
+    // the glue: out[i, c, r] += sum_q G1[i, c, q] Y[i, q, r]
+    for (int64_t i = 0; i < N1; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t r = 0; r < k; ++r) {
+          double v = 0.0;
+          for (int64_t q = 0; q < o; ++q)
+            v += double(G1[(i * C + c) * o + q]) * double(Y[i * y_si + q * k + r]);
+          out[(i * C + c) * k + r] += v;
+        }
+    // the per-pair reference
+    for (int64_t i = 0; i < N1; ++i)
+      for (int64_t j = 0; j < N2; ++j) {
+        double s = 0.0;
+        for (int64_t q = 0; q < d; ++q) s += double(A1[i * d + q]) * double(A2[j * d + q]);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t r = 0; r < k; ++r) {
+            double p = 0.0;
+            for (int64_t q = 0; q < o; ++q)
+              p += double(G1[(i * C + c) * o + q]) * double(W[(j * o + q) * k + r]);
+            ref[(i * C + c) * k + r] += s * p;
+          }
+      }
+  }
+  double max_err = 0.0, max_ref = 0.0;
+  for (size_t e = 0; e < out.size(); ++e) {
+    const double err = std::fabs(out[e] - ref[e]);
+    if (!(err <= max_err)) max_err = err;  // NaN propagates
+    if (std::fabs(ref[e]) > max_ref) max_ref = std::fabs(ref[e]);
   }
   const double rel = max_err / (max_ref > 0 ? max_ref : 1.0);
   const double tol = cs.dbl ? 1e-12 : 2e-5;
-  const bool pass = rel <= tol;  // false for NaN
-  std::printf("%s %s N1=%ld N2=%ld d=%ld o=%ld C=%ld k=%ld NJ=%d TI=%d chunks(c=%ld,k=%ld) "
-              "launches=%d rel_err=%.3e\n",
-              pass ? "OK  " : "FAIL", cs.dbl ? "f64" : "f32", long(cs.N1), long(cs.N2),
-              long(cs.d), long(cs.o), long(cs.C), long(cs.k), used.NJ, used.TI,
-              long(used.c_chunk), long(used.k_chunk), launches, rel);
+  const bool pass = guards_ok && rel <= tol;  // false for NaN
+  char layers[128] = "";
+  size_t pos = 0;
+  for (const Layer& ly : cs.layers)
+    pos += std::snprintf(layers + pos, sizeof(layers) - pos, "%s(d=%ld,o=%ld)", pos ? "," : "",
+                         long(ly.d), long(ly.o));
+  std::printf("%s %s %-6s N1=%ld N2=%ld C=%ld k=%ld layers=%s guards=%s rel_err=%.3e\n",
+              pass ? "OK  " : "FAIL", cs.dbl ? "f64" : "f32", tile_name, long(N1), long(N2),
+              long(C), long(k), layers, guards_ok ? "ok" : "BAD", rel);
   return pass;
 }
 
+template <typename T>
+static bool run_both(const Case& cs, uint64_t seed) {
+  const bool w = run_case<T, ntk::TileWide>(cs, "wide", seed);
+  const bool n = run_case<T, ntk::TileNarrow>(cs, "narrow", seed);
+  return w && n;
+}
+
 int main() {
-  std::mt19937_64 rng(1234);
-  const size_t L = ntk::kDefaultSmemLimit;
+  // Tiles: wide BI=64 BJ=32 BOK=64 BD=32; narrow BI=128 BJ=16 BOK=16 BD=16.
   const Case cases[] = {
-      // N1, N2, d, o, C, k, double, smem, force NJ
-      {37, 45, 7, 70, 1, 1, false, L, 0},    // several i-blocks? (TI=32), 3 j-tiles, o > chunk
-      {37, 45, 70, 5, 3, 4, true, L, 0},     // d > chunk, ragged everything
-      {33, 17, 40, 33, 10, 1, false, L, 0},  // MLP-like C
-      {9, 20, 5, 6, 3, 4, true, L, 1},       // every NJ variant
-      {9, 20, 5, 6, 3, 4, true, L, 4},
-      {9, 20, 5, 6, 3, 4, false, L, 16},
-      {5, 19, 3, 4, 40, 40, false, L, 0},    // C*k > element budget: chunked over r (and c)
-      {6, 18, 3, 35, 7, 9, true, 16384, 0},  // small smem limit: forces chunking over r
-      {1, 1, 1, 1, 1, 1, true, L, 0},
-      {4, 5, 2, 3, 300, 1, false, 24 * 1024, 0},  // C alone too large: chunked over c
-      {3, 0, 4, 4, 2, 2, true, L, 0},        // N2 = 0: out unchanged
+      // N1, N2, C, k, layers {d, o}, double
+      // ragged everything, several row / column / j tiles and d chunks, 3 layers
+      {150, 70, 3, 4, {{45, 23}, {7, 5}, {33, 1}}, true},
+      {150, 70, 3, 4, {{45, 23}, {7, 5}, {33, 1}}, false},
+      {131, 37, 1, 1, {{70, 67}, {3, 10}}, false},   // C = 1, k = 1, o*k = 67 (> 64)
+      {131, 37, 1, 1, {{70, 67}, {3, 10}}, true},
+      {65, 33, 3, 1, {{17, 17}, {64, 16}}, true},    // one past a tile edge; o*k = 16 exactly
+      {64, 32, 1, 4, {{32, 16}, {16, 4}}, false},    // exact multiples of the wide tile
+      {5, 49, 10, 1, {{1, 3}, {2, 20}}, false},      // MLP-like C, tiny N1 and d
+      {1, 1, 1, 1, {{1, 1}}, true},
+      {3, 0, 2, 2, {{4, 4}, {2, 3}}, true},          // N2 = 0: Y zeroed, out 0
+      {4, 6, 2, 2, {{0, 3}}, true},                  // d = 0: s = 0
+      {4, 6, 2, 1, {{3, 0}, {2, 2}}, false},         // o = 0 layer: nothing launched for it
   };
   bool all = true;
+  uint64_t seed = 1234;
   for (const Case& cs : cases) {
-    all = (cs.dbl ? run_case<double>(cs, rng) : run_case<float>(cs, rng)) && all;
+    all = (cs.dbl ? run_both<double>(cs, seed) : run_both<float>(cs, seed)) && all;
+    ++seed;
   }
   std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
   return all ? 0 : 1;

@@ -9,9 +9,10 @@ right-hand side, in multiply-adds (MACs):
 * ``structured``: two GEMMs per layer, ``2·L·d·o`` per sample, after a one-off factor pass
   (a forward and C batched backward passes, ``≈ (1 + 2C)·F``) amortized over ``AMORTIZE``
   products (a CG solve); ``∞`` when the factors exceed the factor budget;
-* kernel space (``keops``, ``cuda``): ``N1·N2·(d + C·o)`` per dense layer — independent of the
-  product ``d·o``, which is why it wins when layers are wide relative to N — run at a lower
-  rate than BLAS GEMMs (``RATE``);
+* kernel space (``keops``, ``cuda``): ``N1·N2·(d + o)`` per dense layer (the sum over j comes
+  before the contraction with the output gradients; the CUDA kernel recomputes the ``d`` part
+  once per 64 columns of ``o``) — independent of the product ``d·o``, which is why it wins when
+  layers are wide relative to N — run at a lower rate than BLAS GEMMs (``RATE``);
 * ``dense``: ``2·N·C·P`` per product after building the explicit Jacobian; only when that is small.
 
 Each estimate is divided by its implementation's relative rate (GEMM = 1), which was calibrated
@@ -95,11 +96,12 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
     dense = [(d + (1 if b else 0), o) for L, d, o, _, b in shapes if L == 1]
     others = [(L, d, o) for L, d, o, _, _ in shapes if L != 1]
     if dense and factor_bytes <= factor_budget:
-        ks = sum(N1 * N2 * (d + C * o) + N2 * C * o for d, o in dense)
         ws = sum((N1 + N2) * L * d * o for L, d, o in others) / rate["structured"]
         for name in ("keops", "cuda"):
             if name == "keops" and importlib.util.find_spec("pykeops") is None:
                 continue
+            col_tiles = (lambda o: -(-o // 64)) if (name == "cuda" and dev == "cuda") else (lambda o: 1)
+            ks = sum(N1 * N2 * (d * col_tiles(o) + o) + (N1 + N2) * C * o for d, o in dense)
             cost[name] = ks / rate[name] + ws + setup / AMORTIZE + rest_cost
             memory[name] = float(factor_bytes)
 
