@@ -281,11 +281,40 @@ def test_nondeterministic_models_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_cpu(refs, backend):
+    import copy
+
     model, X, Xt, Kref, Ksref = refs["cnn-C2"]
     dev = torch.device("cuda")
-    K = nks.NTKOperator(model.to(dev), X.to(dev), backend=backend)
+    gpu_model = copy.deepcopy(model).to(dev)
+    K = nks.NTKOperator(gpu_model, X.to(dev), backend=backend)
     V = torch.randn(K.shape[0], 3, dtype=torch.float64)
     close((K @ V.to(dev)).cpu(), Kref @ V)
     close(K.diagonal().cpu(), Kref.diagonal())
-    Kc = nks.NTKOperator(model.cpu(), X, backend=backend).to(dev)
+    Ks = nks.NTKOperator(gpu_model, Xt.to(dev), X.to(dev), backend=backend)
+    close((Ks @ V.to(dev)).cpu(), Ksref @ V)
+    # an operator built on the CPU and moved with .to() computes on the GPU
+    Kc = nks.NTKOperator(model, X, backend=backend).to(dev)
+    assert Kc.device.type == "cuda"
     close(Kc.to_dense().cpu(), Kref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["structured", "cuda"])
+def test_cuda_mlp_float32(backend):
+    """The kernel-space path on dense layers (the csrc kernel on the GPU), float32, C = 10."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 300), nn.ReLU(), nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    X = torch.randn(150, 20)
+    Kref = reference_ntk(model, X)
+    dev = torch.device("cuda")
+    K = nks.NTKOperator(copy_to(model, dev), X.to(dev), backend=backend)
+    V = torch.randn(K.shape[0], 4)
+    close((K @ V.to(dev)).cpu(), Kref.float() @ V, torch.float32)
+    close(K.diagonal().cpu(), Kref.diagonal(), torch.float32)
+
+
+def copy_to(model, dev):
+    import copy
+
+    return copy.deepcopy(model).to(dev)

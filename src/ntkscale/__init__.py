@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
+from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator
 from .solvers import (
     ConvergenceWarning,
@@ -24,6 +26,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",
+    "FunctionSpaceNGD",
+    "NTKGP",
+    "NegativeVarianceWarning",
+    "ggn_kernel",
+    "ngd_step",
     "NTKOperator",
     "NonDeterministicModelError",
     "SolveInfo",

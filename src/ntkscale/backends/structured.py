@@ -239,23 +239,31 @@ class StructuredBackend(Backend):
 
         return data.cached(name, (X,), build)
 
-    def _side(self, data: KernelData, X: Tensor):
-        """Factors for X as a list of (slice, Factors): cached whole, or per chunk on the fly."""
+    def _side(self, data: KernelData, X: Tensor, k: int | None = None):
+        """Factors for X as (slice, Factors) pieces: slices of the cached factors, or factors
+        recomputed chunk by chunk. With ``k`` right-hand sides, pieces are cut so that the
+        per-piece temporaries (``k`` columns per output unit and sample) fit the memory budget."""
         name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
         fac = self._factors(data, X, name) if name else None
-        if fac is not None:
+        if fac is None:
+            specs, _, _ = self._layout(data)
+            for sl in chunks(X.shape[0], data.chunk_size):
+                yield sl, compute_factors(data, specs, X[sl])
+            return
+        if k is None:
             yield slice(0, X.shape[0]), fac
             return
-        specs, _, _ = self._layout(data)
-        for sl in chunks(X.shape[0], data.chunk_size):
-            yield sl, compute_factors(data, specs, X[sl])
+        per_row = sum(G.shape[2] * G.shape[3] + A.shape[2] for A, G in zip(fac.A, fac.G))
+        rows = max(1, data.memory_budget // max(1, 2 * k * per_row * fac.A[0].element_size()))
+        for sl in chunks(X.shape[0], rows):
+            yield sl, Factors([A[sl] for A in fac.A], [G[sl] for G in fac.G])
 
     # -- weight-space primitives ------------------------------------------------------------
     def vjp(self, data: KernelData, X: Tensor, V: Tensor) -> ParamVec:
         specs, idx, rest = self._layout(data)
         k = V.shape[-1]
         out: list[Tensor | None] = [None] * len(data.params)
-        for sl, fac in self._side(data, X):
+        for sl, fac in self._side(data, X, k):
             for (iw, ib), (Uw, Ub) in zip(idx, _weight_space_vjp(fac, idx, V[sl])):
                 if iw is not None:
                     _acc(out, iw, Uw.reshape(k, *data.params[iw].shape))
@@ -278,7 +286,7 @@ class StructuredBackend(Backend):
         ]
         out = torch.zeros(X.shape[0], data.num_outputs, k, dtype=data.dtype, device=X.device)
         if idx:
-            for sl, fac in self._side(data, X):
+            for sl, fac in self._side(data, X, k):
                 out[sl] += _weight_space_jvp(fac, per_layer)
         if rest is not None:
             out += self._rest_backend.jvp(rest, X, tuple(U[i] for i in self._rest_positions(data, rest)))
