@@ -14,7 +14,7 @@ from torch import nn
 import ntkscale as nks
 from ntkscale import NonDeterministicModelError
 
-from .cases import CASES, make, reference_jacobian, reference_ntk
+from .cases import CASES, make, reference_ntk
 
 try:
     import pykeops  # noqa: F401

@@ -37,3 +37,18 @@ def test_readme_usage_example_runs(capsys):
     assert mean.shape == (ns["X_test"].shape[0], ns["y"].shape[1])
     assert bool(torch.isfinite(mean).all())
     assert capsys.readouterr().out.strip(), "the example prints the solve's summary"
+
+
+def test_readme_uncertainty_example_runs(capsys):
+    """The "Uncertainty, spectra and natural gradients" example runs as written."""
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"^## Uncertainty, spectra and natural gradients\s*$(.*?)(?=^## )", text, flags=re.M | re.S)
+    assert section is not None
+    code = re.search(r"```python\n(.*?)```", section.group(1), flags=re.S).group(1)
+    ns: dict = {"__name__": "__readme__"}
+    exec(compile(code, str(README) + ":Uncertainty", "exec"), ns)
+    mean, var, var_f = ns["mean"], ns["var"], ns["var_f"]
+    assert mean.shape == var.shape == var_f.shape == (20, 2)
+    assert bool((var >= 0).all()) and bool((var_f >= var - 1e-4).all())  # fast ones are upper bounds
+    assert ns["kappa"] > 1 and ns["top"].shape == (3,)
+    assert ns["info"].loss_after < ns["info"].loss_before

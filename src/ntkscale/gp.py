@@ -58,8 +58,6 @@ from .functional import chunks
 from .operator import NTKOperator
 from .solvers import (
     ConvergenceWarning,
-    NystromPreconditioner,
-    PivotedCholeskyPreconditioner,
     Preconditioner,
     SolveInfo,
     build_preconditioner,
@@ -273,7 +271,7 @@ class NTKGP:
             if base is None:
                 self._base_precond = P
         else:
-            P = _reshift(base, lam)
+            P = base.with_noise(lam)  # same sketch / pivots, re-weighted: no products
         self._precond_cache[key] = P
         return P
 
@@ -838,46 +836,6 @@ def ggn_kernel(K, probs: Tensor) -> GGNKernel:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-class _ShiftedLowRank(Preconditioner):
-    """A Nyström or pivoted-Cholesky preconditioner re-shifted to a new ``noise``, no products.
-
-    The low-rank part (``U``, eigenvalues) does not depend on the shift; only the inverse weights
-    do, so this is what :func:`ntkscale.solvers.build_preconditioner` would build at ``noise``
-    from the same sketch / pivots.
-    """
-
-    def __init__(self, base: Preconditioner, noise: float):
-        self.name, self.rank, self.n, self.noise = base.name, base.rank, base.n, float(noise)
-        self.U = base.U  # shape: (n, r)
-        lam = base.eigvals  # shape: (r,)
-        tiny = torch.finfo(lam.dtype).tiny
-        if isinstance(base, NystromPreconditioner):
-            lam_max, lam_r = lam[0].item(), lam[-1].item()
-            mu = noise if noise > 0 else max(lam_r, torch.finfo(lam.dtype).eps * lam_max, tiny)
-            self.inv_eig, self.inv_tail = (lam_r + mu) / (lam + mu), 1.0
-        else:
-            trace0 = base.residual_trace + lam.sum().item()
-            shift = noise if noise > 0 else max(
-                base.residual_trace / base.n, torch.finfo(lam.dtype).eps * trace0 / base.n, tiny
-            )
-            self.inv_eig, self.inv_tail = 1.0 / (lam + shift), 1.0 / shift
-
-    def apply(self, R: Tensor) -> Tensor:
-        vec = R.dim() == 1
-        if vec:
-            R = R.unsqueeze(-1)
-        out = self.inv_tail * R + self.U @ ((self.inv_eig - self.inv_tail).unsqueeze(-1) * (self.U.mT @ R))
-        return out.squeeze(-1) if vec else out
-
-
-def _reshift(base: Preconditioner, noise: float) -> Preconditioner:
-    if base.noise == noise:
-        return base
-    if isinstance(base, (NystromPreconditioner, PivotedCholeskyPreconditioner)) and hasattr(base, "U"):
-        return _ShiftedLowRank(base, noise)
-    raise TypeError(f"cannot re-shift a {type(base).__name__}")  # pragma: no cover
 
 
 def _key(lam: float) -> float:

@@ -21,6 +21,12 @@ from .base import Backend, KernelData, ParamVec
 __all__ = ["AutodiffBackend"]
 
 
+def _rows_per_chunk(data: KernelData, k: int) -> int:
+    """Samples per pass with k right-hand sides: the budgeted chunk holds up to four of them;
+    beyond that the chunk shrinks so the k-fold tangents and cotangents stay within budget."""
+    return max(1, data.chunk_size * 4 // max(k, 4))
+
+
 class AutodiffBackend(Backend):
     """Matrix-free NTK products by reverse- then forward-mode automatic differentiation."""
 
@@ -30,7 +36,7 @@ class AutodiffBackend(Backend):
         # V: shape (n, C, k)
         k = V.shape[-1]
         acc: list[Tensor] | None = None
-        for sl in chunks(X.shape[0], data.chunk_size):
+        for sl in chunks(X.shape[0], _rows_per_chunk(data, k)):
             _, pullback = _vjp(data.fm.bind(data.fixed, X[sl]), data.params)
             if k == 1:
                 grads = tuple(g.unsqueeze(0) for g in pullback(V[sl, :, 0])[0])
@@ -48,7 +54,7 @@ class AutodiffBackend(Backend):
         k = U[0].shape[0]
         n, C = X.shape[0], data.num_outputs
         out = torch.empty(n, C, k, dtype=data.dtype, device=X.device)
-        for sl in chunks(n, data.chunk_size):
+        for sl in chunks(n, _rows_per_chunk(data, k)):
             f = data.fm.bind(data.fixed, X[sl])
             if k == 1:
                 _, t = _jvp(f, (data.params,), (tuple(u[0] for u in U),))

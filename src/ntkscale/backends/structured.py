@@ -405,13 +405,26 @@ class StructuredBackend(Backend):
 def _weight_space_vjp(fac: Factors, idx, V: Tensor) -> list[tuple[Tensor | None, Tensor | None]]:
     """``Jᵀ V`` from factors, per layer: (weight (k, o, d) or None, bias (k, o) or None)."""
     k = V.shape[-1]
+    Vt = V.transpose(1, 2)  # (n, k, C)
     res = []
     for l, (iw, ib) in enumerate(idx):
         A, G = fac.A[l], fac.G[l]
         n, C, L, o = G.shape
-        Gv = torch.bmm(G.reshape(n, C, L * o).transpose(1, 2), V).reshape(n * L, o * k)
-        Uw = (Gv.T @ A.reshape(n * L, -1)).reshape(o, k, -1).transpose(0, 1) if iw is not None else None
-        Ub = Gv.sum(0).reshape(o, k).T if ib is not None else None
+        # Gv[n, k, (l, o)] = Σ_c V[n, c, k] G[n, c, l, o]; G is read row by row (the fast order)
+        Gv = torch.bmm(Vt, G.reshape(n, C, L * o))  # (n, k, L*o)
+        Uw = Ub = None
+        if k == 1:
+            Gv = Gv.reshape(n * L, o)
+            if iw is not None:
+                Uw = (Gv.T @ A.reshape(n * L, -1)).unsqueeze(0)  # (1, o, d)
+            if ib is not None:
+                Ub = Gv.sum(0).unsqueeze(0)
+        else:
+            Gv = Gv.reshape(n, k, L, o).permute(1, 3, 0, 2).reshape(k * o, n * L)
+            if iw is not None:
+                Uw = (Gv @ A.reshape(n * L, -1)).reshape(k, o, -1)
+            if ib is not None:
+                Ub = Gv.sum(1).reshape(k, o)
         res.append((Uw, Ub))
     return res
 
@@ -428,7 +441,9 @@ def _weight_space_jvp(fac: Factors, U) -> Tensor:
             Z = (A.reshape(n * L, -1) @ Uw.reshape(k * o, -1).T).reshape(n, L, k, o)
         if Ub is not None:
             Z = Ub.expand(n, L, k, o) if Z is None else Z + Ub
-        r = torch.bmm(G.reshape(n, C, L * o), Z.permute(0, 1, 3, 2).reshape(n, L * o, k))
+        Zr = Z.permute(0, 2, 1, 3).reshape(n, k, L * o)
+        # out[n, c, k] = Σ_{l,o} G[n, c, l, o] Z[n, l, k, o], as (n, k, L·o) @ (n, L·o, C)
+        r = torch.bmm(Zr, G.reshape(n, C, L * o).transpose(1, 2)).transpose(1, 2)
         out = r if out is None else out + r
     return out
 

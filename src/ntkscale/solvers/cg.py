@@ -133,7 +133,6 @@ def solve(
     dtype, device = K.dtype, K.device
     B, vec = _check_rhs(rhs, n, "rhs")
     B = B.to(dtype=dtype, device=device)  # shape: (n, k)
-    k = B.shape[1]
 
     P = _resolve_preconditioner(K, preconditioner, n, noise, rank, seed)
     pname = None if P is None else getattr(P, "name", type(P).__name__)
