@@ -168,6 +168,25 @@ def test_structured_factor_cache_and_recompute(refs, case, monkeypatch):
     assert len(calls) > before  # recomputed chunk by chunk
 
 
+def test_factor_memory_is_reported():
+    model, X, Xt = make("mlp-C3")
+    K = nks.NTKOperator(model, X, backend="structured")
+    # per sample: inputs of the three Linear layers (5 + 12 + 10) and gradients C * (12 + 10 + 3)
+    assert K.factor_bytes() == 6 * (5 + 12 + 10 + 3 * (12 + 10 + 3)) * 8
+    assert nks.NTKOperator(model, Xt, X, backend="structured").factor_bytes() == 10 * (5 + 12 + 10 + 3 * (12 + 10 + 3)) * 8
+    assert nks.NTKOperator(model, X, backend="autodiff").factor_bytes() is None
+
+
+def test_keops_missing_is_said_at_selection(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pykeops" else real(name, *a))
+    model, X, _ = make("mlp-C1")
+    with pytest.raises(ImportError, match=r"backend 'keops' needs pykeops: pip install 'ntkscale\[keops\]'"):
+        nks.NTKOperator(model, X, backend="keops")
+
+
 def test_scalar_output_rows():
     model, X, _ = make("mlp-scalar")
     K = nks.NTKOperator(model, X)

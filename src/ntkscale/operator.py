@@ -147,6 +147,18 @@ class NTKOperator(LinearOperator):
     def device(self) -> torch.device:
         return self.X1.device
 
+    def factor_bytes(self) -> int | None:
+        """Bytes of the per-layer factors the structured backends cache for this operator (both
+        data sides), estimated from one sample; ``None`` for backends without factors."""
+        from .backends.structured import StructuredBackend
+
+        backend = self._st.backend
+        if not isinstance(backend, StructuredBackend):
+            return None
+        data = self._data()
+        total = backend.factor_bytes(data, data.X1)
+        return total if self._st.square else total + backend.factor_bytes(data, data.X2)
+
     @property
     def cost_estimates(self) -> dict:
         """The cost model's estimates behind ``backend="auto"`` (empty for an explicit backend)."""

@@ -230,12 +230,12 @@ class StructuredBackend(Backend):
 
         def build():
             parts = [compute_factors(data, specs, X[sl]) for sl in chunks(X.shape[0], data.chunk_size)]
-            if len(parts) == 1:
-                return parts[0]
-            return Factors(
+            fac = parts[0] if len(parts) == 1 else Factors(
                 [torch.cat([p.A[l] for p in parts]) for l in range(len(specs))],
                 [torch.cat([p.G[l] for p in parts]) for l in range(len(specs))],
             )
+            log.info("ntkscale: cached structured factors of %d samples: %.1f MiB", X.shape[0], fac.nbytes() / 2**20)
+            return fac
 
         return data.cached(name, (X,), build)
 
@@ -457,6 +457,15 @@ class KeOpsBackend(StructuredBackend):
 
     name = "keops"
     kernel_impl = "keops"
+
+    def __init__(self):
+        import importlib.util
+
+        from .keops import _MISSING
+
+        if importlib.util.find_spec("pykeops") is None:  # say so when the backend is chosen
+            raise ImportError(_MISSING)
+        super().__init__()
 
 
 class CudaBackend(StructuredBackend):
