@@ -79,3 +79,10 @@ def test_demo_quick(tmp_path, capsys):
     assert m["ntk"]["train"]["mse"] <= m["net"]["train"]["mse"] + 1e-6
     assert result["operator"]["shape"] == [result["config"]["n_train"] * 10] * 2
     assert torch.get_num_threads() >= 1
+
+
+def test_bench_runs_a_quick_preset(tmp_path):
+    """`ntkscale bench --quick --only matvec` runs the script and writes its JSON."""
+    assert main(["bench", "--quick", "--only", "matvec", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "matvec.json").read_text())
+    assert doc["ratios"]["autodiff_1_over_train_step"] > 0

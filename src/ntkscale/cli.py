@@ -160,24 +160,40 @@ def _benchmark_scripts() -> list[str]:
     return sorted(str(p) for p in root.glob("bench_*.py")) if root.is_dir() else []
 
 
+# script stem -> arguments of its small preset (the memory benchmark has sizes instead)
+_BENCH_QUICK = {"memory": ["--sizes", "2000", "20000"]}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
     from pathlib import Path
 
     scripts = _benchmark_scripts()
-    listing = "\n".join(
-        f"    python {s} --out {args.out}/{Path(s).stem.removeprefix('bench_')}.json" for s in scripts
-    )
-    print(
-        f"ntkscale bench: not available yet: the benchmark suite is not wired into the command "
-        f"line of ntkscale {_version()}.\n"
-        + (
-            f"  the benchmarks of this checkout run as scripts (or all at once by `make bench`):\n{listing}"
-            if scripts
-            else "  the benchmarks live in benchmarks/ of the source repository (`make bench`)"
-        ),
-        file=sys.stderr,
-    )
-    return 2
+    if not scripts:
+        print(
+            "ntkscale bench: the benchmarks live in benchmarks/ of the source repository; this "
+            "installation has none (run `make bench` in a checkout)",
+            file=sys.stderr,
+        )
+        return 2
+    wanted = set(args.only or [])
+    failed = []
+    for script in scripts:
+        name = Path(script).stem.removeprefix("bench_")
+        if wanted and name not in wanted:
+            continue
+        cmd = [sys.executable, script, "--out", f"{args.out}/{name}.json"]
+        if args.quick:
+            cmd += _BENCH_QUICK.get(name, ["--quick"])
+        if args.device != "cpu" and name in ("matvec", "crossover", "kernel_space", "gp", "solvers"):
+            cmd += ["--device", args.device]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=Path(script).parents[1]).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"ntkscale bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suite")
     p.add_argument("--device", default="cpu", help="device to benchmark on (default: cpu)")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
+    p.add_argument("--quick", action="store_true", help="the small preset of every benchmark")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (e.g. matvec gram)")
     p.set_defaults(func=_cmd_bench)
     return parser
 
