@@ -117,7 +117,10 @@ at::Tensor ntk_reduce_cpu(const std::vector<at::Tensor>& A1, const std::vector<a
           const at::Tensor S = at::mm(a1, A2[l].narrow(0, j0, bj).t());  // (bi, bj)
           Z.addmm_(S, w.narrow(0, j0, bj));                                // (bi, o*k)
         }
-        out_blk.baddbmm_(G1[l].narrow(0, i0, bi), Z.view({bi, o, k}));   // (bi, C, k)
+        // out_blk += G1 Z as (Z^T G1^T)^T: G1 is then read row by row (the fast order on CPUs)
+        out_blk.add_(at::bmm(Z.view({bi, o, k}).transpose(1, 2).contiguous(),
+                             G1[l].narrow(0, i0, bi).transpose(1, 2))
+                         .transpose(1, 2));  // (bi, C, k)
       }
     }
   });

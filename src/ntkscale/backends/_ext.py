@@ -172,8 +172,10 @@ def _check(A1: Sequence[Tensor], G1: Sequence[Tensor], A2: Sequence[Tensor],
 
 
 def _w_factors(G2: Sequence[Tensor], V: Tensor) -> list[Tensor]:
-    # W[l][j] = sum_c' G2[l][j, c', :] (x) V[j, c', :]: (N2, o, C) @ (N2, C, k) -> (N2, o, k)
-    return [torch.bmm(g.transpose(1, 2), V).contiguous() for g in G2]
+    # W[l][j] = sum_c' G2[l][j, c', :] (x) V[j, c', :] -> (N2, o, k), contiguous
+    from .kernel_space import w_factors
+
+    return w_factors(G2, V)
 
 
 def _forward(A1, G1, A2, G2, V, block_size):

@@ -64,6 +64,8 @@ def _lazy_tensor():
 
 def _forward(A1: Sequence[Tensor], G1: Sequence[Tensor], A2: Sequence[Tensor],
              G2: Sequence[Tensor], V: Tensor) -> Tensor:
+    from .kernel_space import contract_g, w_factors
+
     LazyTensor = _lazy_tensor()
     N1, C, k = A1[0].shape[0], G1[0].shape[1], V.shape[2]
     out = V.new_zeros((N1, C, k))
@@ -74,7 +76,7 @@ def _forward(A1: Sequence[Tensor], G1: Sequence[Tensor], A2: Sequence[Tensor],
     for a1, a2, g2 in zip(A1, A2, G2):
         o = g2.shape[2]
         widths.append(o * k)
-        W = torch.bmm(g2.transpose(1, 2), V).reshape(a2.shape[0], o * k)  # (N2, o*k)
+        W = w_factors([g2], V)[0].reshape(a2.shape[0], o * k)  # (N2, o*k)
         a_i = LazyTensor(a1.contiguous()[:, None, :])  # (N1, 1, d)
         a_j = LazyTensor(a2.contiguous()[None, :, :])  # (1, N2, d)
         w_j = LazyTensor(W.contiguous()[None, :, :])   # (1, N2, o*k)
@@ -82,7 +84,7 @@ def _forward(A1: Sequence[Tensor], G1: Sequence[Tensor], A2: Sequence[Tensor],
         terms = term if terms is None else terms.concat(term)
     Z = terms.sum(dim=1)  # (N1, sum_l o_l k): one reduction over j for all layers
     for g1, Zl in zip(G1, torch.split(Z, widths, dim=1)):
-        out = torch.baddbmm(out, g1, Zl.reshape(N1, g1.shape[2], k))  # (N1, C, k)
+        out = out + contract_g(g1, Zl.reshape(N1, g1.shape[2], k))  # (N1, C, k)
     return out
 
 
