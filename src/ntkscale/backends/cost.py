@@ -30,6 +30,7 @@ from ..functional import FunctionalModel
 
 __all__ = ["choose", "estimate"]
 
+KS_CONTRACT = 40  # cost of a multiply-add in the kernel-space G contractions, in GEMM multiply-adds
 AMORTIZE = 20  # products a factor pass is amortized over (a typical preconditioned CG solve)
 DENSE_MAX_ROWS = 4096
 DENSE_MAX_BYTES = 64 * 2**20
@@ -101,7 +102,9 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
             if name == "keops" and importlib.util.find_spec("pykeops") is None:
                 continue
             col_tiles = (lambda o: -(-o // 64)) if (name == "cuda" and dev == "cuda") else (lambda o: 1)
-            ks = sum(N1 * N2 * (d * col_tiles(o) + o) + (N1 + N2) * C * o for d, o in dense)
+            # the contractions with the output gradients (W = VᵀG2, G1·Y) are per-sample small
+            # products, memory-bound: each multiply-add costs about KS_CONTRACT GEMM ones
+            ks = sum(N1 * N2 * (d * col_tiles(o) + o) + KS_CONTRACT * (N1 + N2) * C * o for d, o in dense)
             cost[name] = ks / rate[name] + ws + setup / AMORTIZE + rest_cost
             memory[name] = float(factor_bytes)
 
