@@ -41,7 +41,7 @@ class AutodiffBackend(Backend):
             if k == 1:
                 grads = tuple(g.unsqueeze(0) for g in pullback(V[sl, :, 0])[0])
             else:
-                grads = vmap(pullback)(V[sl].movedim(-1, 0))[0]
+                grads = vmap(pullback)(V[sl].movedim(-1, 0).contiguous())[0]
             if acc is None:
                 acc = list(grads)
             else:
