@@ -111,6 +111,8 @@ def test_subsetting(refs, backend):
     r, c = torch.tensor([0, 5, 9, 17]), torch.tensor([1, 5, 2, 0])
     close(K[r, c], Kref[r, c])
     assert abs(K[4, 9].item() - Kref[4, 9].item()) <= 1e-9 * Kref.abs().max()
+    d_idx = torch.tensor([3, 3, 17, 0])
+    close(K[d_idx, d_idx], Kref.diagonal()[d_idx])  # diagonal entries by the diagonal path
     # a sub-operator of a sub-operator
     S2 = K[2:14][:, 2:14][1:6][:, 1:6]
     close(S2.to_dense(), Kref[3:8, 3:8])

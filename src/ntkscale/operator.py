@@ -267,6 +267,10 @@ class NTKOperator(LinearOperator):
         if batch_indices:
             raise IndexError("NTKOperator has no batch dimensions")
         row_index, col_index = torch.broadcast_tensors(row_index, col_index)
+        st = self._st
+        if st.square and _same_index(st.rows, st.cols) and torch.equal(row_index, col_index):
+            # diagonal entries: from the exact diagonal, no block of the kernel
+            return self._diagonal()[row_index.to(self.device)]
         r_u, r_inv = torch.unique(row_index.reshape(-1).cpu(), return_inverse=True)
         c_u, c_inv = torch.unique(col_index.reshape(-1).cpu(), return_inverse=True)
         block = self._getitem(r_u, c_u).to_dense()
