@@ -79,17 +79,22 @@ def _rss_bytes() -> tuple[int, int]:
     return cur, peak
 
 
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory failure (host or device)."""
+    if isinstance(err, MemoryError):
+        return True
+    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(err, oom_cls):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
 def _child(target, args, queue):
     try:
         queue.put(("ok", target(*args)))
-    except MemoryError as err:
-        queue.put(("oom", repr(err)))
-    except RuntimeError as err:
-        msg = str(err)
-        status = "oom" if ("can't allocate memory" in msg or "out of memory" in msg.lower()) else "error"
-        queue.put((status, msg[:500]))
     except Exception as err:  # recorded, not raised: one failing case must not end the sweep
-        queue.put(("error", f"{type(err).__name__}: {err}"[:500]))
+        queue.put(("oom" if is_oom(err) else "error", f"{type(err).__name__}: {err}"[:500]))
 
 
 def run_isolated(target, *args, timeout: float = 3600) -> dict:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from _common import environment, interleaved, mlp, write_json
+from _common import environment, interleaved, is_oom, mlp, write_json
 
 import ntkscale as nks
 
@@ -84,8 +84,7 @@ def main(argv=None) -> dict:
                 rec["auto_correct"] = rec["auto"] == fastest
                 rec["auto_within_10pct"] = picked is not None and picked <= 1.1 * rec["times"][fastest]
             except Exception as err:  # recorded, the sweep goes on
-                status = "oom" if "out of memory" in str(err).lower() or "allocate" in str(err) else "error"
-                rec["status"] = status
+                rec["status"] = "oom" if is_oom(err) else "error"
                 rec["detail"] = f"{type(err).__name__}: {err}"[:300]
             doc["runs"].append(rec)
             scored = [r for r in doc["runs"] if "auto_correct" in r]

@@ -29,16 +29,15 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _common import environment, is_oom, sync, write_json
 
 from ntkscale.backends.kernel_space import kernel_space_matmul
 
@@ -90,22 +89,6 @@ def flops(impl, N, width, C, k, layers):
     return per * layers
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _is_oom(err):
-    if isinstance(err, MemoryError):
-        return True
-    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_cls is not None and isinstance(err, oom_cls):
-        return True
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in str(err).lower() or "can't allocate memory" in str(err).lower()
-    )
-
-
 def run_case(impl, A, G, V, device, repeats, warmup, max_case_seconds):
     if impl == "weight":
         fn = lambda: weight_space_matmul(A, G, A, G, V)  # noqa: E731
@@ -118,16 +101,16 @@ def run_case(impl, A, G, V, device, repeats, warmup, max_case_seconds):
         t0 = time.perf_counter()
         out = None
         for _ in range(max(1, warmup)):
-            _sync(device)
+            sync()
             out = fn()
-            _sync(device)
+            sync()
         rec["first_s"] = time.perf_counter() - t0  # warm-up incl. any JIT compilation
         times = []
         for q in range(repeats):
-            _sync(device)
+            sync()
             t = time.perf_counter()
             out = fn()
-            _sync(device)
+            sync()
             times.append(time.perf_counter() - t)
             if sum(times) > max_case_seconds and q >= 0:
                 break
@@ -139,20 +122,10 @@ def run_case(impl, A, G, V, device, repeats, warmup, max_case_seconds):
     return out, rec
 
 
-def environment(device, dtype, tf32):
-    env = {
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "tf32": tf32,
-        "cuda": torch.version.cuda,
-    }
+def _environment(device, dtype, tf32) -> dict:
+    """``_common.environment()`` plus this benchmark's device, dtype, TF32 and pykeops version."""
+    env = environment()
+    env.update(device=str(device), dtype=str(dtype).replace("torch.", ""), tf32=tf32, cuda_version=torch.version.cuda)
     try:
         import pykeops
 
@@ -215,7 +188,7 @@ def main(argv=None):
     out_path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "kernel_space",
-        "env": environment(device, dtype, args.tf32),
+        "env": _environment(device, dtype, args.tf32),
         "config": {"N": list(Ns), "widths": list(widths), "impls": impls, "C": args.C,
                    "k": args.k, "layers": args.layers, "repeats": repeats,
                    "warmup": args.warmup, "max_case_seconds": args.max_case_seconds},
@@ -229,11 +202,11 @@ def main(argv=None):
                 V = torch.randn(N, args.C, args.k, generator=torch.Generator().manual_seed(1),
                                 dtype=torch.float64).to(device=device, dtype=dtype)
             except Exception as err:  # noqa: BLE001 - recorded, not raised
-                status = "oom" if _is_oom(err) else "error"
+                status = "oom" if is_oom(err) else "error"
                 for impl in impls:
                     doc["results"].append({"impl": impl, "N": N, "width": width,
                                            "status": status, "message": str(err)[:300]})
-                _write(out_path, doc)
+                write_json(out_path, doc)
                 continue
             ref = None
             for impl in impls:
@@ -259,17 +232,17 @@ def main(argv=None):
                     if timing["first_s"] + sum(timing["times_s"]) > args.max_case_seconds:
                         too_slow[impl] = (N, width)
                 except Exception as err:  # noqa: BLE001 - recorded, not raised
-                    rec.update(status="oom" if _is_oom(err) else "error",
+                    rec.update(status="oom" if is_oom(err) else "error",
                                message=str(err)[:300])
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 doc["results"].append(rec)
                 _print(rec)
-                _write(out_path, doc)
+                write_json(out_path, doc)
             del A, G, V, ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    _write(out_path, doc)
+    write_json(out_path, doc)
     print(f"wrote {out_path}")
     return doc
 
@@ -291,12 +264,6 @@ def _print(rec):
     else:
         print(f"N={rec['N']:5d} width={rec['width']:5d} {rec['impl']:6s} {rec['status']}: "
               f"{rec.get('message', '')[:120]}", flush=True)
-
-
-def _write(path, doc):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
