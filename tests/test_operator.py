@@ -118,6 +118,20 @@ def test_subsetting(refs, backend):
     close(S2.to_dense(), Kref[3:8, 3:8])
 
 
+def test_rows_take_only_their_tangents(refs, monkeypatch):
+    """A few rows of the kernel (as pivoted Cholesky asks) cost one tangent each, not C."""
+    from ntkscale.backends.autodiff import AutodiffBackend
+
+    model, X, _, Kref, _ = refs["mlp-C3"]
+    widths = []
+    real = AutodiffBackend.jvp
+    monkeypatch.setattr(AutodiffBackend, "jvp", lambda self, d, X_, U: widths.append(U[0].shape[0]) or real(self, d, X_, U))
+    K = nks.NTKOperator(model, X, backend="autodiff")
+    close(K[torch.tensor([7]), :].to_dense(), Kref[[7]])
+    close(K[torch.tensor([2, 16]), :].to_dense(), Kref[[2, 16]])
+    assert widths == [1, 2]  # one tangent per requested row (C = 3 per touched sample before)
+
+
 @pytest.mark.parametrize("case", ["mlp-C3", "cnn-C2"])
 def test_chunking_invariance(case):
     model, X, _ = make(case, n=9)

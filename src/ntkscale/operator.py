@@ -279,12 +279,9 @@ class NTKOperator(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """The explicit matrix, shape (rows, cols). O(rows·cols) memory; computed on each call."""
-        st, C = self._st, self.num_outputs
+        st = self._st
         data = self._data()
-        G = st.backend.gram(data, data.X1, data.X2)
-        G = G.reshape(self.X1.shape[0] * C, self.X2.shape[0] * C)
-        if st.rows is not None:
-            G = G[st.rows.to(G.device)]
+        G = st.backend.gram(data, data.X1, data.X2, rows=st.rows)  # (rows, N2*C)
         if st.cols is not None:
             G = G[:, st.cols.to(G.device)]
         return G

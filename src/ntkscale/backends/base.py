@@ -125,26 +125,31 @@ class Backend:
             out.append(sum(j.square().flatten(start_dim=2).sum(-1) for j in jac))
         return torch.cat(out, dim=0)
 
-    def gram(self, data: KernelData, X1: Tensor, X2: Tensor) -> Tensor:
-        """Explicit block ``Θ(X1, X2)`` of shape (n1, C, n2, C).
+    def gram(self, data: KernelData, X1: Tensor, X2: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Explicit block ``Θ(X1, X2)``, shape (n1·C, n2·C), or only its rows ``rows`` (flat
+        ``(sample, output)`` ids into X1), shape (len(rows), n2·C).
 
-        Explicit Jacobian of the smaller side (in memory-bounded blocks of samples), then one JVP
-        pass over the other side with those Jacobian rows as tangents.
+        Explicit Jacobian rows of X1 (in memory-bounded blocks of samples), then one JVP pass over
+        X2 with them as tangents: only the requested rows become tangents, so a few rows of a
+        large kernel (pivoted Cholesky) cost a few tangents, not C per touched sample.
         """
         C = data.num_outputs
-        transpose = X1.shape[0] > X2.shape[0]
-        small, big = (X2, X1) if transpose else (X1, X2)
-        out = torch.empty(small.shape[0], C, big.shape[0], C, dtype=data.dtype, device=small.device)
-        # tangents per JVP pass: bounded by the budget (k tangents cost k activations copies)
+        n1, n2 = X1.shape[0], X2.shape[0]
+        if rows is None and n1 > n2:  # fewer tangents the other way round; Θ(X1, X2) = Θ(X2, X1)ᵀ
+            return Backend.gram(self, data, X2, X1).T
+        ids = torch.arange(n1 * C) if rows is None else rows.cpu()
+        samples = torch.div(ids, C, rounding_mode="floor")
+        out = torch.empty(ids.numel(), n2 * C, dtype=data.dtype, device=X1.device)
+        # samples per Jacobian block: at most 64 tangents per JVP pass (each costs an activation copy)
         block = max(1, min(data.jac_chunk_size(), 64 // C or 1))
-        for sl in chunks(small.shape[0], block):
-            J = self.jacobian(data, small[sl])  # (b, C, P)
-            b = J.shape[0]
-            U = _unflatten(J.reshape(b * C, -1), data.params)
-            res = self.jvp(data, big, U)  # (n_big, C, b*C)
-            out[sl] = res.permute(2, 0, 1).reshape(b, C, big.shape[0], C)
-        if transpose:
-            out = out.permute(2, 3, 0, 1)
+        for sl in chunks(n1, block):
+            sel = ((samples >= sl.start) & (samples < sl.stop)).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            J = self.jacobian(data, X1[sl]).flatten(0, 1)  # (b*C, P)
+            J = J[(ids[sel] - sl.start * C).to(J.device)]  # only the requested rows
+            res = self.jvp(data, X2, _unflatten(J, data.params))  # (n2, C, m)
+            out[sel.to(out.device)] = res.reshape(n2 * C, -1).T
         return out
 
 

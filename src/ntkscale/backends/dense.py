@@ -47,8 +47,10 @@ class DenseBackend(Backend):
     def diagonal(self, data: KernelData) -> Tensor:
         return self._jac1(data).square().sum(-1)
 
-    def gram(self, data: KernelData, X1: Tensor, X2: Tensor) -> Tensor:
+    def gram(self, data: KernelData, X1: Tensor, X2: Tensor, rows: Tensor | None = None) -> Tensor:
         J1 = self._jac1(data) if X1 is data.X1 else self.jacobian(data, X1)
         J2 = self._jac2(data) if X2 is data.X2 or (data.square and X2 is data.X1) else self.jacobian(data, X2)
-        n1, C, _ = J1.shape
-        return (J1.flatten(0, 1) @ J2.flatten(0, 1).T).reshape(n1, C, J2.shape[0], C)
+        J1 = J1.flatten(0, 1)
+        if rows is not None:
+            J1 = J1[rows.to(J1.device)]
+        return J1 @ J2.flatten(0, 1).T

@@ -324,22 +324,21 @@ class StructuredBackend(Backend):
             diag += self._rest_backend.diagonal(replace(rest, X1=X, X2=X, square=True))
         return diag
 
-    def gram(self, data: KernelData, X1: Tensor, X2: Tensor) -> Tensor:
+    def gram(self, data: KernelData, X1: Tensor, X2: Tensor, rows: Tensor | None = None) -> Tensor:
         specs, idx, rest = self._layout(data)
         dense_layers = self._dense_layers(data)
         if len(dense_layers) != len(specs):  # convolutions: weight-space, through the base path
-            return Backend.gram(self, data, X1, X2)
+            return Backend.gram(self, data, X1, X2, rows)
         from .kernel_space import gram_block
 
         f1 = self._whole(data, X1)
         f2 = f1 if (X2 is X1) else self._whole(data, X2)
         A1, G1 = self._kernel_factors(f1, idx)
         A2, G2 = self._kernel_factors(f2, idx)
-        C = data.num_outputs
-        out = gram_block(A1, G1, A2, G2).reshape(X1.shape[0], C, X2.shape[0], C)
+        out = gram_block(A1, G1, A2, G2)  # (n1*C, n2*C): GEMMs over the factors, cheap per row
         if rest is not None:
             out += self._rest_backend.gram(rest, X1, X2)
-        return out
+        return out if rows is None else out[rows.to(out.device)]
 
     # -- kernel space --------------------------------------------------------------------------
     def _dense_layers(self, data: KernelData) -> list[int]:
