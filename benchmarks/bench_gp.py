@@ -1,4 +1,4 @@
-"""NTKGP at scale: posterior mean, fast (Lanczos) and exact (PCG) variances, time and memory.
+"""NTKGP at scale: posterior mean, fast (Lanczos) and exact variances, time and memory.
 
 Default problem: an MLP 784-512-512-10 trained briefly on digits upsampled to 28×28 (see
 ``bench_solvers.load_inputs``), N = 5,000 training points (N·C = 50,000 rows), 500 test points,
@@ -10,9 +10,11 @@ Stages, each timed and written to the JSON as soon as it ends:
 * ``build``: ``NTKGP(...)`` (the operator and f(X)) and the factors (``K.diagonal()``);
 * ``mean``: the preconditioner and the training solve, then the mean at all test points;
 * ``fast_variances``: the rank-``fast_rank`` Lanczos cache and the variances at all test points;
-* ``exact_variances``: PCG variances at the first ``--exact-points`` test points only (at full
-  size all 500 need 5,000 right-hand sides through PCG on a 50,000-row operator), with the time
-  per point and an *extrapolated* total for all test points (labelled so);
+* ``exact_variances``: exact variances at the first ``--exact-points`` test points (default all)
+  with ``--exact-solver`` (default ``auto``: at full size the tiled float64 Cholesky factor of
+  ``Θ + λI``, out of core past ``--factor-memory``; ``cg`` is batched PCG, about 144 s per test
+  point at full size on 2 cores, so use it with a few ``--exact-points``), with the factor's
+  tiles, disk use and time split; the mean from the factor is compared with the PCG mean;
 * ``variance_error``: median / max relative error of fast vs exact on those points.
 
 Peak memory is measured in a separate process: the stages run in a child started with the
@@ -22,7 +24,8 @@ exits (the child also records its own high-water mark after every stage). A chil
 
 Usage:
     python benchmarks/bench_gp.py --quick --out results/bench/gp_quick.json
-    python benchmarks/bench_gp.py --exact-points 6 --out results/bench/gp.json
+    python benchmarks/bench_gp.py --out results/bench/gp.json
+    python benchmarks/bench_gp.py --exact-solver cg --exact-points 2 --out results/bench/gp_cg.json
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 QUICK = {"n": 500, "n_test": 50, "width": 256, "exact_points": 3, "fast_rank": 50, "rank": 100, "train_steps": 20}
-FULL = {"n": 5000, "n_test": 500, "width": 512, "exact_points": 3, "fast_rank": 100, "rank": 100, "train_steps": 100}
+FULL = {"n": 5000, "n_test": 500, "width": 512, "exact_points": 500, "fast_rank": 500, "rank": 500, "train_steps": 100}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=None, help=f"training points (default {FULL['n']})")
     p.add_argument("--n-test", type=int, default=None, help=f"test points (default {FULL['n_test']})")
     p.add_argument("--exact-points", type=int, default=None, help="exact variances on the first K test points only")
+    p.add_argument("--exact-solver", choices=["auto", "cg", "cholesky"], default="auto")
+    p.add_argument("--factor-memory", type=float, default=2.0, help="GiB the Cholesky factorization may hold")
+    p.add_argument("--scratch-dir", default=None, help="directory for the factor (kept: a rerun resumes)")
     p.add_argument("--in-dim", type=int, default=784)
     p.add_argument("--width", type=int, default=None, help=f"hidden width (default {FULL['width']})")
     p.add_argument("--depth", type=int, default=2)
@@ -128,7 +135,8 @@ def child(config: dict, out: str) -> None:
         model, X, y, noise=1.0, prior_scale=args.prior_scale, backend=args.backend,
         preconditioner=None if args.preconditioner == "none" else args.preconditioner,
         rank=args.rank, tol=args.tol, max_iter=args.max_iter, fast_rank=args.fast_rank,
-        block_size=args.block_size, seed=args.seed,
+        block_size=args.block_size, seed=args.seed, exact_solver=args.exact_solver,
+        factor_memory=int(args.factor_memory * 2**30), scratch_dir=args.scratch_dir, progress=True,
     )
     diag = gp.K.diagonal()
     gp.noise = args.noise_rel * args.prior_scale * diag.mean().item()  # λ = noise_rel · mean diag
@@ -152,23 +160,39 @@ def child(config: dict, out: str) -> None:
     K = args.exact_points
     if K > 0:
         t0 = time.perf_counter()
-        _, exact = gp.predict(Xt[:K], mode="exact")
-        sec = gp.info.seconds.get("variance", 0.0)
-        per_point = sec / K
-        stage("exact_variances", t0, exact_points=K, variance_seconds=sec, seconds_per_point=per_point,
-              extrapolated_total_seconds_all_test_points=per_point * Xt.shape[0],
-              extrapolated_note=f"per-point time x {Xt.shape[0]} test points; not measured",
-              block_iterations=gp.info.solve_iterations, converged=gp.info.converged,
-              max_residual=gp.info.max_residual, clamped=gp.info.clamped)
+        mean_exact, exact = gp.predict(Xt[:K], mode="exact")
+        pi = gp.info
+        sec = pi.seconds.get("variance", 0.0)
+        extra = {}
+        if pi.solver == "cg":
+            extra = dict(block_iterations=pi.solve_iterations, converged=pi.converged,
+                         max_residual=pi.max_residual)
+            if K < Xt.shape[0]:
+                extra["extrapolated_total_seconds_all_test_points"] = sec / K * Xt.shape[0]
+                extra["extrapolated_note"] = f"per-point time x {Xt.shape[0]} test points; not measured"
+        else:
+            fi = pi.factor
+            extra = dict(factor_seconds=pi.seconds.get("factor"), factor_tiles=fi.tiles, factor_tile_rows=fi.tile,
+                         factor_on_disk=fi.on_disk, factor_gib=fi.factor_bytes / 2**30,
+                         factor_split_seconds=fi.seconds, resumed_tiles=fi.resumed_tiles,
+                         mean_vs_pcg_mean_rel=((mean_exact - mean[:K]).abs().max()
+                                               / mean_exact.abs().max()).item())
+        stage("exact_variances", t0, exact_points=K, solver=pi.solver, variance_seconds=sec,
+              seconds_per_point=(time.perf_counter() - t0) / K, clamped=pi.clamped, **extra)
 
         t0 = time.perf_counter()
         f, e = fast[:K], exact
         pos = e > 0
         rel = ((f[pos] - e[pos]).abs() / e[pos]).double()
+        fast_sec = next(r["seconds"] for r in result["stages"] if r["stage"] == "fast_variances")
+        exact_rec = result["stages"][-1]
         stage("variance_error", t0, compared_points=K, compared_entries=int(pos.sum()),
               median_relative_error=rel.median().item() if rel.numel() else None,
               max_relative_error=rel.max().item() if rel.numel() else None,
-              fast_below_exact=int((f < e).sum()))
+              fast_below_exact=int((f < e).sum()),
+              exact_over_fast_time_per_point=(exact_rec["seconds"] / K) / (fast_sec / Xt.shape[0]),
+              prior_over_exact_median=((gp._operator(Xt[:K]).diagonal().reshape(K, -1) * gp.prior_scale)[pos]
+                                       / e[pos]).median().item())
     result["complete"] = True
     write_json(path, result)
 
@@ -181,8 +205,15 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     start = time.perf_counter()
     proc = ctx.Process(target=child, args=(vars(args), str(out)))
+    # stopping this process (Ctrl-C, kill) stops the measured one too: never leave it running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc.start()
-    proc.join()
+    try:
+        proc.join()
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(10)
     wall = time.perf_counter() - start
     import json
 

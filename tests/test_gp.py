@@ -102,12 +102,14 @@ def _rel(a, b):
 # -- posterior and marginal likelihood against dense Cholesky -------------------------------------
 
 
+@pytest.mark.parametrize("exact_solver", ["cg", "cholesky"])
 @pytest.mark.parametrize("backend", ["dense", "structured"])
-def test_posterior_matches_dense_cholesky(problem, backend):
+def test_posterior_matches_dense_cholesky(problem, backend, exact_solver):
     noise, s2 = 0.05, 2.0
     gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=noise, prior_scale=s2, backend=backend,
-               tol=1e-12, rank=20)
+               tol=1e-12, rank=20, exact_solver=exact_solver)
     mean, var = gp.predict(problem["Xt"])
+    assert gp.info.solver == exact_solver
     ref_mean, ref_var, _ = _dense_posterior(problem, noise, s2)
     assert mean.shape == var.shape == (7, 2)
     assert _rel(mean, ref_mean) < 1e-6
@@ -116,7 +118,10 @@ def test_posterior_matches_dense_cholesky(problem, backend):
     r = (problem["y"] - problem["f"]).reshape(-1)
     alpha = torch.linalg.solve(problem["K"] + noise / s2 * torch.eye(60, dtype=DT), r)
     assert _rel(gp.representer_weights().reshape(-1), alpha) < 1e-6
-    assert gp.solve_info.converged and gp.info.converged
+    if exact_solver == "cg":
+        assert gp.solve_info.converged and gp.info.converged
+    else:  # the factor solved the training system too: no CG ran
+        assert gp.solve_info is None and gp.info.factor.n == 60
 
 
 def test_log_marginal_likelihood_matches_dense_with_exact_probes(problem):
@@ -227,8 +232,40 @@ def test_fast_variances_close_to_exact(problem):
     assert full["max_relative_error"] < 1e-6
 
 
+def test_fast_variances_explicit_cross_blocks_equal_products(problem, monkeypatch):
+    """With the factor backends the fast path may densify row blocks of Θ*X instead of taking
+    one product per column of the Lanczos cache: both give the same variances."""
+    gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.5, backend="structured", fast_rank=40,
+               memory_budget=2000 * 8)  # row blocks of 2000 * 8 / (2 * 60 * 8) -> 16 rows: several blocks
+    out = {}
+    for explicit in (True, False):
+        monkeypatch.setattr(gp, "_explicit_cross_cheaper", lambda *a, e=explicit: e)
+        out[explicit] = gp.predict(problem["Xt"], mode="fast")[1]
+    assert _rel(out[True], out[False]) < 1e-10
+    # the estimate: 40 columns through P ≈ 1,400 parameters vs a 14 x 60 cross-kernel
+    monkeypatch.undo()
+    assert gp._explicit_cross_cheaper(14, 40)
+    assert not gp._explicit_cross_cheaper(14, 1)
+
+
+def test_fast_cache_serves_every_noise_level_and_lower_rank(problem, monkeypatch):
+    """One Lanczos basis of Θ (shift-invariant, prefix-consistent) gives the cache of any (λ, r ≤ m)."""
+    calls = []
+    real = gp_module.lanczos
+    monkeypatch.setattr(gp_module, "lanczos", lambda *a, **k: calls.append(k["num_iter"]) or real(*a, **k))
+    gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.5, backend="dense", fast_rank=40)
+    gp.predict(problem["Xt"], mode="fast")
+    gp.noise = 0.05
+    gp.fast_rank = 20
+    _, var = gp.predict(problem["Xt"], mode="fast")
+    assert calls == [40]
+    fresh = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.05, backend="dense", fast_rank=20)
+    assert _rel(var, fresh.predict(problem["Xt"], mode="fast")[1]) < 1e-8
+
+
 def test_negative_variances_are_clamped_with_a_warning(problem, monkeypatch):
-    gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.05, backend="dense", tol=1e-12)
+    gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.05, backend="dense", tol=1e-12,
+               exact_solver="cg")
     exact = gp._exact_quadratic
     # round-off pushed 3 of the 14 subtracted terms above the prior variance
     def perturbed(Ksx, lam, info):
@@ -340,7 +377,7 @@ def test_iterative_path_runs_with_one_preconditioner(problem, monkeypatch):
     monkeypatch.setattr(gp_module, "solve", counting_solve)
     monkeypatch.setattr(gp_module, "build_preconditioner", counting_build)
     gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.05, backend="dense", tol=1e-8,
-               rank=10, block_size=4)
+               rank=10, block_size=4, exact_solver="cg")
     gp.predict(problem["Xt"])  # 7 test points x 2 outputs, 2 points per block: 4 blocks
     assert built == ["nystrom"]
     assert [c[0] for c in calls] == [torch.Size([60]), *[torch.Size([60, 4])] * 3, torch.Size([60, 2])]

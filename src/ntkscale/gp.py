@@ -14,7 +14,12 @@ ridge ``λ`` (kernel regression with the NTK). Everything is computed from produ
 
 * the training solve ``(Θ + λ I)⁻¹ (y − f(X))`` by preconditioned CG (:func:`ntkscale.solvers.solve`),
   cached per ``λ``, with one preconditioner built once per ``λ``;
-* exact variances by batched PCG on blocks of the columns of ``ΘX*`` (the same preconditioner);
+* exact variances either by batched PCG on blocks of the columns of ``ΘX*`` (the same
+  preconditioner) or — when there are many test columns, which is when PCG's
+  ``columns × iterations`` products cost more than ``(N C)³/3`` multiply-adds — by a tiled
+  float64 Cholesky factor of ``Θ + λ I`` (:class:`ntkscale.solvers.TiledCholesky`, out of core
+  past a memory budget) and one forward substitution per block of test columns; the factor also
+  gives the training solve exactly;
 * fast variances from a rank-``r`` Lanczos decomposition of ``Θ + λ I`` (LOVE, Pleiss et al.
   2018): ``(Θ + λ I)⁻¹ ≈ Q T⁻¹ Qᵀ = R Rᵀ``, so ``var ≈ s² [Θ** − ‖Rᵀ ΘX*‖²]``. The Krylov
   projection can only lose part of the subtracted term, so fast variances are never below the
@@ -43,7 +48,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,12 +69,17 @@ from .solvers import (
     ConvergenceWarning,
     Preconditioner,
     SolveInfo,
+    TiledCholesky,
     build_preconditioner,
     lanczos,
     solve,
 )
+from .solvers.cholesky import DEFAULT_MEMORY as DEFAULT_FACTOR_MEMORY
+from .solvers.cholesky import cholesky_bytes
 
 __all__ = ["ColumnBlockedOperator", "GGNKernel", "NTKGP", "NegativeVarianceWarning", "PredictInfo", "ggn_kernel"]
+
+log = logging.getLogger("ntkscale")
 
 DEFAULT_RANK = 100  # preconditioner rank
 DEFAULT_FAST_RANK = 100  # Lanczos (LOVE) rank of the fast variances
@@ -90,6 +104,8 @@ class PredictInfo:
         clamped: how many variances were negative and clamped at 0.
         most_negative: the most negative variance before clamping (0.0 if none).
         fast_rank: the Lanczos rank of the fast variances (fast mode).
+        solver: how the exact variances were computed: ``"cg"`` or ``"cholesky"``.
+        factor: the :class:`ntkscale.solvers.CholeskyInfo` of the factor used (``"cholesky"``).
     """
 
     mode: str | None
@@ -100,6 +116,8 @@ class PredictInfo:
     clamped: int = 0
     most_negative: float = 0.0
     fast_rank: int | None = None
+    solver: str | None = None
+    factor: object | None = None
 
 
 class NTKGP:
@@ -129,7 +147,19 @@ class NTKGP:
             ``num_probes ≥ N C`` the unit vectors are used instead and the trace is exact.
         num_iter: Lanczos steps per probe of the SLQ log-determinant (default ``min(N C, 100)``).
         seed: seed of the Nyström sketch, the Lanczos start vector and the SLQ probes.
-        progress: show tqdm bars over the blocks of exact variances.
+        exact_solver: how :meth:`predict` computes exact variances: ``"cg"`` (batched PCG per
+            block of test columns), ``"cholesky"`` (a tiled float64 Cholesky factor of
+            ``Θ + λ I``, then triangular solves; also used for the mean), or ``"auto"``
+            (default): the cheaper by a multiply-add estimate — ``(N C)³/3`` plus ``(N C)²``
+            per test column for the factor against ``columns × iterations × 2 N P`` for PCG
+            (iterations from the last training solve, else 100) — provided the factor fits on
+            disk.
+        factor_memory: bytes the Cholesky factorization may hold in memory at once (default
+            2 GiB); a factor larger than half of it goes to ``scratch_dir``.
+        scratch_dir: directory for the factor's panels (default a temporary directory, removed
+            with the GP). A given directory keeps them with a manifest: an interrupted
+            factorization resumes there, and a later GP on the same kernel and ``λ`` reuses it.
+        progress: show tqdm bars over the blocks of exact variances and the Cholesky tiles.
         **operator_kwargs: passed to every :class:`ntkscale.NTKOperator` (``chunk_size``,
             ``params``, ``dtype``, ``memory_budget``, ...).
 
@@ -144,8 +174,10 @@ class NTKGP:
             shape or with NaN/inf, or bad sizes (``rank``, ``fast_rank``, ``block_size``, ...).
 
     Memory: the operator's own (factors or chunks), one ``N C`` vector per cached ``λ``, the
-    preconditioner (``N C × rank``), the fast-variance cache (``N C × fast_rank``) and, for the
-    log-determinant, the Lanczos vectors (``N C × num_iter × num_probes``).
+    preconditioner (``N C × rank``), the fast-variance cache (the Lanczos basis and up to two
+    weighted copies, each ``N C × fast_rank``), for the log-determinant the Lanczos vectors
+    (``N C × num_iter × num_probes``), and for the Cholesky path ``factor_memory`` in memory plus
+    ``(N C)²/2`` float64 entries on disk.
     """
 
     def __init__(
@@ -165,9 +197,18 @@ class NTKGP:
         num_probes: int = DEFAULT_PROBES,
         num_iter: int | None = None,
         seed: int = 0,
+        exact_solver: str = "auto",
+        factor_memory: int = DEFAULT_FACTOR_MEMORY,
+        scratch_dir: str | None = None,
         progress: bool = False,
         **operator_kwargs,
     ):
+        if exact_solver not in ("auto", "cg", "cholesky"):
+            raise ValueError(f"exact_solver must be 'auto', 'cg' or 'cholesky', got {exact_solver!r}")
+        self.exact_solver = exact_solver
+        self.factor_memory = _check_positive_int(factor_memory, "factor_memory", DEFAULT_FACTOR_MEMORY)
+        self.scratch_dir = scratch_dir
+        self._chol: tuple[float, TiledCholesky] | None = None
         self._noise = _check_noise(noise)
         self._prior_scale = _check_prior_scale(prior_scale)
         if tol is not None:
@@ -209,6 +250,7 @@ class NTKGP:
         self._precond_cache: dict[float, Preconditioner | None] = {}
         self._alpha_cache: dict[float, Tensor] = {}
         self._fast_cache: dict[tuple[float, int], Tensor] = {}
+        self._basis: tuple[int, Tensor, Tensor] | None = None  # (steps asked, T, Q) of Θ
         self._slq: tuple[Tensor, Tensor, bool] | None = None
         self.solve_info: SolveInfo | None = None
         self.info: PredictInfo | None = None
@@ -293,10 +335,70 @@ class NTKGP:
         hit = self._alpha_cache.get(key)
         if hit is not None:
             return hit
+        if self._chol is not None and self._chol[0] == key:  # direct: exact to round-off
+            alpha = self._chol[1].solve(self._r).to(self.K.dtype)
+            self._alpha_cache[key] = alpha
+            return alpha
         alpha, info = self._solve(self._r, lam, x0=x0)
         self.solve_info = info
         self._alpha_cache[key] = alpha
         return alpha
+
+    def use_cholesky(self, num_columns: int) -> bool:
+        """Whether exact variances for ``num_columns`` test columns take the Cholesky path."""
+        if self.exact_solver != "auto":
+            return self.exact_solver == "cholesky"
+        n = self.n
+        if self._chol is not None and self._chol[0] == _key(self.ridge):
+            return True  # already factored: n² per column
+        factor = n**3 / 3 + n**2 * num_columns
+        if self.K.dtype != torch.float64:
+            factor *= 2  # float64 multiply-adds run at about half the float32 rate
+        iters = self.solve_info.iterations if self.solve_info is not None else 100
+        cg = num_columns * iters * 2 * self.num_train * self.K.num_params
+        est = f"~{factor:.2g} multiply-adds for the factor, ~{cg:.2g} for PCG ({iters} iterations)"
+        if factor >= cg:
+            log.info("NTKGP exact variances of %d columns by PCG: %s", num_columns, est)
+            return False
+        need = cholesky_bytes(n)
+        if need > self.factor_memory // 2:
+            where = os.path.abspath(self.scratch_dir or tempfile.gettempdir())
+            while not os.path.exists(where) and os.path.dirname(where) != where:
+                where = os.path.dirname(where)  # the directory is created with the factor
+            try:
+                free = shutil.disk_usage(where).free
+            except OSError:
+                free = 0
+            if need >= 0.9 * free:
+                log.warning(
+                    "NTKGP exact variances by PCG: the Cholesky factor would be cheaper (%s) but needs "
+                    "%.1f GiB of disk and %s has %.1f GiB free; pass scratch_dir= on a larger disk",
+                    est, need / 2**30, where, free / 2**30,
+                )
+                return False
+        log.info("NTKGP exact variances of %d columns by a tiled Cholesky factor: %s", num_columns, est)
+        return True
+
+    def cholesky(self, lam: float | None = None) -> TiledCholesky:
+        """The tiled float64 Cholesky factor of ``Θ + λ I`` (computed on first use; one ``λ`` kept)."""
+        lam = self.ridge if lam is None else float(lam)
+        key = _key(lam)
+        if self._chol is not None and self._chol[0] == key:
+            return self._chol[1]
+        if self._chol is not None:
+            self._chol[1].close()
+            self._chol = None
+        chol = TiledCholesky(
+            self.K,
+            lam,
+            dtype=torch.float64,
+            memory_budget=self.factor_memory,
+            scratch_dir=self.scratch_dir,
+            progress=self.progress,
+        )
+        self._chol = (key, chol)
+        self._alpha_cache.pop(key, None)  # the direct solve replaces an iterative one
+        return chol
 
     def representer_weights(self) -> Tensor:
         """``(Θ + λ I)⁻¹ (y − f(X))`` at the current hyperparameters.  # shape: (N, C)"""
@@ -338,17 +440,24 @@ class NTKGP:
         t0 = time.perf_counter()
         Ksx = self._operator(X_test, self.X)  # shape: (M*C, N*C)
         M = Ksx.X1.shape[0]
+        direct = return_var and mode == "exact" and self.use_cholesky(M * C)
+        if direct:
+            chol = self.cholesky(lam)
+            info.factor = chol.info
+            info.seconds["factor"] = time.perf_counter() - t0
         alpha = self._alpha(lam)
         mean = self._forward(Ksx.X1) + (Ksx @ alpha).reshape(M, C)  # shape: (M, C)
         info.seconds["mean"] = time.perf_counter() - t0
         if not return_var:
             return mean
         t0 = time.perf_counter()
-        prior = self._operator(Ksx.X1).diagonal().detach()  # shape: (M*C,)
+        Kss = self._operator(Ksx.X1)
+        prior = (Kss.to(torch.float64) if direct else Kss).diagonal().detach()  # shape: (M*C,)
         info.seconds["diag"] = time.perf_counter() - t0
         if mode == "exact":
             t0 = time.perf_counter()
-            quad = self._exact_quadratic(Ksx, lam, info)
+            info.solver = "cholesky" if direct else "cg"
+            quad = self._direct_quadratic(Ksx, chol) if direct else self._exact_quadratic(Ksx, lam, info)
             info.seconds["variance"] = time.perf_counter() - t0
         else:
             t0 = time.perf_counter()
@@ -358,7 +467,7 @@ class NTKGP:
             t0 = time.perf_counter()
             quad = self._fast_quadratic(Ksx, R)
             info.seconds["variance"] = time.perf_counter() - t0
-        var = self._clamp(s2 * (prior - quad), s2 * prior, info)
+        var = self._clamp(s2 * (prior - quad), s2 * prior, info).to(self.K.dtype)
         return mean, var.reshape(M, C)
 
     def _exact_quadratic(self, Ksx: NTKOperator, lam: float, info: PredictInfo) -> Tensor:
@@ -392,8 +501,34 @@ class NTKGP:
             )
         return quad
 
+    def _direct_quadratic(self, Ksx: NTKOperator, chol: TiledCholesky) -> Tensor:
+        """``‖L⁻¹ ΘX*‖²`` per test row, in blocks of test columns.  # shape: (M*C,)"""
+        C, n = self.num_outputs, self.n
+        M = Ksx.X1.shape[0]
+        Kxs = Ksx.mT.to(torch.float64)  # shape: (N*C, M*C)
+        # a block of test columns (n × b) takes a quarter of the budget; the cross kernel is
+        # computed in row chunks of the training rows that take another sixteenth
+        per_block = max(1, self.factor_memory // (4 * n * 8 * C))
+        rows = max(C, self.factor_memory // (16 * per_block * C * 8))
+        rows -= rows % C
+        quad = torch.empty(M * C, dtype=torch.float64, device=self.K.device)
+        starts = range(0, M, per_block)
+        for s in tqdm(starts, desc="NTKGP variances", disable=not self.progress, leave=False):
+            c0, c1 = s * C, min(M, s + per_block) * C
+            B = torch.empty(n, c1 - c0, dtype=torch.float64, device=self.K.device)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                B[r0:r1] = to_dense(Kxs[r0:r1, c0:c1]).detach()
+            quad[c0:c1] = chol.inv_quad(B)
+            del B
+        return quad
+
     def _lanczos_cache(self, lam: float, rank: int) -> Tensor:
-        """``R`` with ``R Rᵀ = Q T⁻¹ Qᵀ ≈ (Θ + λ I)⁻¹`` from ``rank`` Lanczos steps.
+        """``R`` with ``R Rᵀ = Q (T + λ I)⁻¹ Qᵀ ≈ (Θ + λ I)⁻¹`` from ``rank`` Lanczos steps on ``Θ``.
+
+        Krylov spaces are shift-invariant and the first ``r`` steps of a longer run are the
+        ``r``-step run, so one basis (``Q``, ``T`` of ``Θ`` itself) serves every ``λ`` and every
+        rank up to the longest computed: changing the noise or lowering the rank costs no products.
 
         Returns:
             ``R``, cached per ``(λ, rank)``.  # shape: (N*C, r)
@@ -402,20 +537,54 @@ class NTKGP:
         hit = self._fast_cache.get(key)
         if hit is not None:
             return hit
-        T, Q = lanczos(self._Kb, num_iter=min(rank, self.n), noise=lam, seed=self.seed)
-        theta, S = torch.linalg.eigh(T)  # shape: (m,), (m, m)
+        m = min(rank, self.n)
+        if self._basis is None or self._basis[0] < m:
+            T, Q = lanczos(self._Kb, num_iter=m, noise=0.0, seed=self.seed)  # may stop early (breakdown)
+            self._basis = (m, T, Q)
+        _, T, Q = self._basis
+        m = min(m, T.shape[0])
+        theta, S = torch.linalg.eigh(T[:m, :m] + lam * torch.eye(m, dtype=T.dtype, device=T.device))
         # Ritz values of a PSD operator are ≥ λ ≥ 0; drop numerically zero ones (λ = 0, singular Θ).
-        keep = theta > theta.max().clamp_min(0) * T.shape[0] * torch.finfo(T.dtype).eps
-        R = Q @ (S[:, keep] * theta[keep].rsqrt())  # shape: (N*C, r)
+        keep = theta > theta.max().clamp_min(0) * m * torch.finfo(T.dtype).eps
+        R = Q[:, :m] @ (S[:, keep] * theta[keep].rsqrt())  # shape: (N*C, r)
+        if len(self._fast_cache) >= 2:  # each R is N C × r: keep the two most recent
+            self._fast_cache.pop(next(iter(self._fast_cache)))
         self._fast_cache[key] = R
         return R
 
     def _fast_quadratic(self, Ksx: NTKOperator, R: Tensor) -> Tensor:
-        """``‖Rᵀ ΘX*‖²`` per test row, in blocks of columns of ``R``.  # shape: (M*C,)"""
-        quad = torch.zeros(Ksx.shape[0], dtype=R.dtype, device=R.device)
-        for sl in chunks(R.shape[1], self.block_size):
+        """``‖Rᵀ ΘX*‖²`` per test row.  # shape: (M*C,)
+
+        Either products ``Θ*X R`` in blocks of columns of ``R`` (each column costs a pass over the
+        training data), or — with the factor backends, when ``R`` has many columns — explicit
+        row blocks of ``Θ*X`` (GEMMs over the layer factors) multiplied by ``R``; whichever
+        costs fewer multiply-adds.
+        """
+        rows_total, n = Ksx.shape
+        r = R.shape[1]
+        quad = torch.zeros(rows_total, dtype=R.dtype, device=R.device)
+        if self._explicit_cross_cheaper(rows_total, r):
+            C = self.num_outputs
+            budget = self._operator_kwargs.get("memory_budget") or 256 * 2**20
+            rows = max(C, budget // (2 * n * R.element_size()))  # the block and one temporary
+            rows -= rows % C
+            for r0 in range(0, rows_total, rows):
+                B = to_dense(Ksx[r0 : r0 + rows]).detach()  # shape: (rows, N*C)
+                quad[r0 : r0 + rows] = (B @ R).square().sum(1)
+                del B
+            return quad
+        for sl in chunks(r, self.block_size):
             quad += (Ksx @ R[:, sl].contiguous()).detach().square().sum(1)
         return quad
+
+    def _explicit_cross_cheaper(self, test_rows: int, r: int) -> bool:
+        """Multiply-add estimate: ``r`` products ``r P (N + M)`` against explicit blocks
+        ``M C · N C · (r + 2 √P)`` (the Gram GEMMs cost about ``Σ_l o_l ≈ 2 √P`` per entry)."""
+        if self._backend not in ("structured", "keops", "cuda"):
+            return False  # explicit blocks go through Jacobians there: no cheaper than products
+        N, C, P = self.num_train, self.num_outputs, self.K.num_params
+        M = test_rows // C
+        return r * P * (N + M) > test_rows * N * C * (r + 2 * math.sqrt(P))
 
     def _clamp(self, var: Tensor, scale: Tensor, info: PredictInfo) -> Tensor:
         neg = var < 0
@@ -424,11 +593,12 @@ class NTKGP:
             worst = var.min().item()
             rel = (var[neg] / scale[neg].clamp_min(torch.finfo(var.dtype).tiny)).min().item()
             info.clamped, info.most_negative = count, worst
-            hint = (
-                "compute in float64 (dtype=torch.float64) or tighten tol"
-                if var.dtype != torch.float64
-                else f"tighten tol (now {self.tol:.0e}) or add noise"
-            )
+            if info.solver == "cholesky":
+                hint = "the factor is float64 already: add noise"
+            elif var.dtype != torch.float64:
+                hint = "compute in float64 (dtype=torch.float64) or tighten tol"
+            else:
+                hint = f"tighten tol (now {self.tol:.0e}) or add noise"
             warnings.warn(
                 f"NTKGP: {count} of {var.numel()} posterior variances came out negative (most "
                 f"negative {worst:.3e}, {rel:.1e} relative to the prior variance s²·Θ**) and were "

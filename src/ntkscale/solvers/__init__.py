@@ -4,6 +4,8 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 ``K[idx, :]`` and ``K.shape`` / ``K.dtype`` / ``K.device``; nothing forms ``K`` densely.
 
 * :func:`solve` — batched preconditioned CG on ``K + noise I`` with :class:`SolveInfo`.
+* :class:`TiledCholesky` — a direct factor of ``K + noise I`` from explicit blocks, out of core
+  past a memory budget, for systems with thousands of right-hand sides.
 * :func:`build_preconditioner` — ``"jacobi"``, ``"pivchol"``, ``"nystrom"``, reusable across solves.
 * :func:`lanczos`, :func:`eigvalsh_extremes`, :func:`condition_number` — Lanczos spectra.
 * :func:`logdet`, :func:`spectral_density` — stochastic Lanczos quadrature.
@@ -12,6 +14,7 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 
 from . import settings
 from .cg import ConvergenceWarning, SolveInfo, solve
+from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
 from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
 from .preconditioners import (
     PRECONDITIONERS,
@@ -24,14 +27,18 @@ from .preconditioners import (
 
 __all__ = [
     "PRECONDITIONERS",
+    "CholeskyInfo",
     "ConvergenceWarning",
     "EigvalshResult",
     "JacobiPreconditioner",
+    "NotPositiveDefiniteError",
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
     "Preconditioner",
     "SolveInfo",
+    "TiledCholesky",
     "build_preconditioner",
+    "cholesky_bytes",
     "condition_number",
     "eigvalsh_extremes",
     "lanczos",

@@ -1,0 +1,187 @@
+"""TiledCholesky (direct factor of K + σ²I from explicit blocks, in memory or out of core) and the
+NTKGP Cholesky path, against dense float64 references (``torch.linalg`` on the explicit kernel
+from ``tests.cases.reference_jacobian``, one autograd row at a time).
+
+Tolerances: 1e-10 relative for float64 factors (a Cholesky solve of a matrix with condition number
+~1e3 loses ~3 digits of 16), 1e-4 for the float32 factor.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from linear_operator.operators import DenseLinearOperator
+from torch import nn
+
+import ntkscale as nks
+import ntkscale.solvers.cholesky as chol_module
+from ntkscale.gp import NTKGP
+from ntkscale.solvers import NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
+
+from .cases import reference_jacobian
+
+DT = torch.float64
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """An MLP NTK with C = 3 outputs on N = 37 points (n = 111), its dense float64 reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT)
+    X = torch.randn(37, 5, dtype=DT)
+    J = reference_jacobian(model, X)
+    return {"model": model, "X": X, "K": J @ J.T}
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # one tile, in memory
+        {"tile": 12},  # tiles of 4 samples, the last one short (111 = 9 * 12 + 3)
+        {"tile": 7},  # tiles that cut samples apart
+        {"tile": 12, "memory_budget": 30_000},  # on disk, row chunks of 18 rows
+    ],
+    ids=["one-tile", "tiles", "ragged", "disk"],
+)
+def test_solves_match_dense(kernel, kw, tmp_path):
+    K = nks.NTKOperator(kernel["model"], kernel["X"], backend="structured")
+    noise = 0.1
+    A = kernel["K"] + noise * torch.eye(111, dtype=DT)
+    B = torch.randn(111, 4, dtype=DT)
+    c = TiledCholesky(K, noise, scratch_dir=tmp_path if "memory_budget" in kw else None, **kw)
+    assert c.info.on_disk == ("memory_budget" in kw)
+    ref = torch.linalg.solve(A, B)
+    assert _rel(c.solve(B), ref) < 1e-10
+    assert _rel(c.solve(B[:, 0]), ref[:, 0]) < 1e-10  # a vector
+    L = torch.linalg.cholesky(A)
+    assert _rel(c.solve_lower(B), torch.linalg.solve_triangular(L, B, upper=False)) < 1e-10
+    assert _rel(c.inv_quad(B), (B * ref).sum(0)) < 1e-10
+    assert abs(c.logdet() - torch.logdet(A).item()) < 1e-10 * abs(torch.logdet(A).item())
+    assert c.info.tiles == -(-111 // c.tile)
+    if c.info.on_disk:
+        assert len([f for f in os.listdir(tmp_path) if f.startswith("panel_")]) == c.info.tiles
+
+
+@pytest.mark.parametrize("make", ["tensor", "linear_operator"])
+def test_any_operator_and_float32(kernel, make):
+    A = kernel["K"]
+    Kop = A if make == "tensor" else DenseLinearOperator(A)
+    B = torch.randn(111, 2, dtype=DT)
+    ref = torch.linalg.solve(A + 0.5 * torch.eye(111, dtype=DT), B)
+    assert _rel(TiledCholesky(Kop, 0.5, tile=20).solve(B), ref) < 1e-10
+    c32 = TiledCholesky(Kop, 0.5, tile=20, dtype=torch.float32)
+    out = c32.solve(B)
+    assert out.dtype == torch.float32 and _rel(out.double(), ref) < 1e-4
+
+
+def test_interrupted_factorization_resumes(kernel, tmp_path, monkeypatch):
+    K = nks.NTKOperator(kernel["model"], kernel["X"], backend="structured")
+    kw = dict(tile=12, memory_budget=30_000, scratch_dir=tmp_path)
+    real = TiledCholesky._block
+    calls = []
+
+    def failing(self, r0, r1, c0, c1):
+        calls.append(c0)
+        if c0 == 48:  # the fifth tile: stop as if the run were killed
+            raise KeyboardInterrupt
+        return real(self, r0, r1, c0, c1)
+
+    monkeypatch.setattr(TiledCholesky, "_block", failing)
+    with pytest.raises(KeyboardInterrupt):
+        TiledCholesky(K, 0.1, **kw)
+    monkeypatch.setattr(TiledCholesky, "_block", real)
+    c = TiledCholesky(K, 0.1, **kw)
+    assert c.info.resumed_tiles == 4
+    B = torch.randn(111, 3, dtype=DT)
+    assert _rel(c.solve(B), torch.linalg.solve(kernel["K"] + 0.1 * torch.eye(111, dtype=DT), B)) < 1e-10
+    # a finished factor is reused whole; another noise level is a different matrix: recomputed
+    assert TiledCholesky(K, 0.1, **kw).info.resumed_tiles == c.info.tiles
+    other = TiledCholesky(K, 0.2, **kw)
+    assert other.info.resumed_tiles == 0
+    assert _rel(other.solve(B), torch.linalg.solve(kernel["K"] + 0.2 * torch.eye(111, dtype=DT), B)) < 1e-10
+
+
+def test_temporary_directory_is_removed(kernel):
+    c = TiledCholesky(kernel["K"], 0.1, tile=12, memory_budget=30_000)
+    where = c.info.scratch_dir
+    assert c.info.on_disk and os.path.isdir(where)
+    del c
+    gc.collect()
+    assert not os.path.exists(where)
+    c = TiledCholesky(kernel["K"], 0.1, tile=12, memory_budget=30_000)
+    where = c.info.scratch_dir
+    c.close()
+    assert not os.path.exists(where)
+
+
+def test_bad_inputs(kernel, monkeypatch, tmp_path):
+    A = kernel["K"]
+    with pytest.raises(ValueError, match="square 2-D operator"):
+        TiledCholesky(A[:, :50], 0.1)
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
+        TiledCholesky(A, -1.0)
+    with pytest.raises(ValueError, match="too small for one column panel"):
+        TiledCholesky(A, 0.1, memory_budget=100)
+    indefinite = A - 2 * A.diagonal().max() * torch.eye(111, dtype=DT)
+    with pytest.raises(NotPositiveDefiniteError, match="not positive definite .* add noise"):
+        TiledCholesky(indefinite, 0.0, tile=20)
+    bad = A.clone()
+    bad[60, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf entries"):
+        TiledCholesky(bad, 0.1, tile=20)
+    c = TiledCholesky(A, 0.1)
+    with pytest.raises(ValueError, match=r"shape \(111,\) or \(111, k\)"):
+        c.solve(torch.randn(110, dtype=DT))
+    monkeypatch.setattr(chol_module.shutil, "disk_usage", lambda _: type("U", (), {"free": 10})())
+    with pytest.raises(ValueError, match="GiB of disk"):
+        TiledCholesky(A, 0.1, tile=12, memory_budget=30_000)
+    assert cholesky_bytes(111) == 111 * 112 // 2 * 8
+
+
+# -- the NTKGP Cholesky path ----------------------------------------------------------------------
+
+
+def test_gp_factor_on_disk_and_reused(kernel, tmp_path):
+    torch.manual_seed(1)
+    X, model = kernel["X"], kernel["model"]
+    y = torch.randn(37, 3, dtype=DT)
+    Xt = torch.randn(9, 5, dtype=DT)
+    kw = dict(noise=0.05, backend="structured", exact_solver="cholesky", factor_memory=40_000,
+              scratch_dir=str(tmp_path), tol=1e-12)
+    gp = NTKGP(model, X, y, **kw)
+    mean, var = gp.predict(Xt)
+    info = gp.info.factor
+    assert gp.info.solver == "cholesky" and info.on_disk and info.tiles > 3
+    ref = NTKGP(model, X, y, noise=0.05, backend="dense", exact_solver="cg", tol=1e-12)
+    ref_mean, ref_var = ref.predict(Xt)
+    assert _rel(mean, ref_mean) < 1e-8 and _rel(var, ref_var) < 1e-8
+    # a new GP on the same kernel and λ reads the finished factor back
+    gp2 = NTKGP(model, X, y, **kw)
+    _, var2 = gp2.predict(Xt)
+    assert gp2.info.factor.resumed_tiles == info.tiles
+    assert _rel(var2, var) < 1e-12
+
+
+def test_gp_auto_picks_the_cheaper_path(monkeypatch):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)  # P = 17
+    X = torch.randn(200, 2, dtype=DT)
+    gp = NTKGP(model, X, torch.sin(X[:, :1]), noise=0.1, backend="structured")
+    # n = 200: factor 200³/3 + 200² per column; PCG 100 iterations x 2 N P = 6.8e5 per column
+    assert not gp.use_cholesky(1)
+    assert gp.use_cholesky(50)
+    _, var = gp.predict(torch.randn(3, 2, dtype=DT))
+    assert gp.info.solver == "cg"
+    # a factor that fits neither in memory nor on disk: PCG
+    gp.factor_memory = 1000
+    monkeypatch.setattr("shutil.disk_usage", lambda _: type("U", (), {"free": 10})())
+    assert not gp.use_cholesky(50)
+    with pytest.raises(ValueError, match="exact_solver must be"):
+        NTKGP(model, X, torch.sin(X[:, :1]), noise=0.1, exact_solver="lu")
