@@ -25,9 +25,9 @@ step() {  # step SECONDS NAME CMD...: run with a limit, log to $OUT/log.txt
   echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'; nvcc --version | tail -1; } >"$OUT/env.txt" 2>&1
-step 170 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_operator.py tests/test_kernel_space.py -rs
+step 170 "CUDA tests" python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_operator.py tests/test_kernel_space.py tests/test_cholesky.py -rs
 step 40 "matvec vs training step (GPU)" python3 benchmarks/bench_matvec.py --device cuda --repeats 10 --out "$OUT/matvec_gpu.json"
 step 100 "crossover, TF32 off" python3 benchmarks/bench_crossover.py --device cuda --tf32 off --repeats 5 --out "$OUT/crossover_gpu_tf32off.json"
 step 60 "crossover, TF32 on" python3 benchmarks/bench_crossover.py --device cuda --tf32 on --repeats 5 --impls structured cuda --out "$OUT/crossover_gpu_tf32on.json"
-step 150 "NTK-GP, exact and fast variances (GPU)" python3 benchmarks/bench_gp.py --device cuda --rank 500 --fast-rank 500 --exact-points 40 --block-size 400 --out "$OUT/gp_gpu.json"
+step 150 "NTK-GP, exact (in-memory float64 factor) and fast variances (GPU)" python3 benchmarks/bench_gp.py --device cuda --factor-memory 40 --block-size 400 --out "$OUT/gp_gpu.json"
 echo "done $(date +%T)" | tee -a "$OUT/log.txt"
