@@ -140,6 +140,14 @@ def peak_during(fn: Callable[[], object]) -> dict:
     }
 
 
+def apply_preset(args, quick: dict, full: dict):
+    """Fill the arguments left at ``None`` from the ``--quick`` or the full preset; returns ``args``."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def write_json(path: str | os.PathLike, doc: dict) -> None:
     """Write ``doc`` atomically (a stopped run leaves the previous complete file)."""
     path = Path(path)

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (the benchmarks' shared helpers, beside this file)
 
 QUICK = {"n": 500, "n_test": 50, "width": 256, "exact_points": 3, "fast_rank": 50, "rank": 100, "train_steps": 20}
 FULL = {"n": 5000, "n_test": 500, "width": 512, "exact_points": 500, "fast_rank": 500, "rank": 500, "train_steps": 100}
@@ -75,11 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/bench/gp.json")
-    args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = _common.apply_preset(p.parse_args(argv), QUICK, FULL)
     args.exact_points = max(0, min(args.exact_points, args.n_test))
     return args
 

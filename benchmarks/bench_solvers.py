@@ -191,12 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/bench/solvers.json")
-    args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return _common.apply_preset(p.parse_args(argv), QUICK, FULL)
 
 
 def main(argv=None) -> int:

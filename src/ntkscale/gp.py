@@ -50,8 +50,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -75,7 +73,7 @@ from .solvers import (
     solve,
 )
 from .solvers.cholesky import DEFAULT_MEMORY as DEFAULT_FACTOR_MEMORY
-from .solvers.cholesky import cholesky_bytes
+from .solvers.cholesky import cholesky_bytes, free_disk_bytes
 
 __all__ = ["ColumnBlockedOperator", "GGNKernel", "NTKGP", "NegativeVarianceWarning", "PredictInfo", "ggn_kernel"]
 
@@ -362,13 +360,8 @@ class NTKGP:
             return False
         need = cholesky_bytes(n)
         if need > self.factor_memory // 2:
-            where = os.path.abspath(self.scratch_dir or tempfile.gettempdir())
-            while not os.path.exists(where) and os.path.dirname(where) != where:
-                where = os.path.dirname(where)  # the directory is created with the factor
-            try:
-                free = shutil.disk_usage(where).free
-            except OSError:
-                free = 0
+            where = self.scratch_dir or tempfile.gettempdir()
+            free = free_disk_bytes(where)
             if need >= 0.9 * free:
                 log.warning(
                     "NTKGP exact variances by PCG: the Cholesky factor would be cheaper (%s) but needs "

@@ -41,13 +41,24 @@ from linear_operator import to_dense
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["CholeskyInfo", "NotPositiveDefiniteError", "TiledCholesky", "cholesky_bytes"]
+__all__ = ["CholeskyInfo", "NotPositiveDefiniteError", "TiledCholesky", "cholesky_bytes", "free_disk_bytes"]
 
 DEFAULT_MEMORY = 2 * 2**30  # bytes the factorization may hold in memory at once
 
 
 class NotPositiveDefiniteError(ValueError):
     """``K + σ²I`` is not positive definite to the working precision."""
+
+
+def free_disk_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the disk of ``path``, or of its nearest existing parent (0 if unknown)."""
+    where = os.path.abspath(path)
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:
+        return 0
 
 
 def cholesky_bytes(n: int, dtype: torch.dtype = torch.float64) -> int:
@@ -133,6 +144,7 @@ class TiledCholesky:
         self.memory_budget = memory_budget
         self.progress = bool(progress)
         self._itemsize = torch.finfo(dtype).bits // 8
+        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         if isinstance(K, Tensor):
             self._K = K.to(dtype)
         else:
@@ -163,7 +175,7 @@ class TiledCholesky:
                 scratch_dir = tempfile.mkdtemp(prefix="ntkscale-cholesky-")
                 self._finalizer = weakref.finalize(self, shutil.rmtree, scratch_dir, True)
             os.makedirs(scratch_dir, exist_ok=True)
-            free = shutil.disk_usage(scratch_dir).free
+            free = free_disk_bytes(scratch_dir)
             have = sum(  # panels of an earlier run, resumed or overwritten
                 os.path.getsize(os.path.join(scratch_dir, f))
                 for f in os.listdir(scratch_dir)
@@ -208,8 +220,7 @@ class TiledCholesky:
         if self._dir is None:
             return self._mem[j][r0 - s : r1 - s]
         t0 = time.perf_counter()
-        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
-        arr = np.fromfile(self._path(j), dtype=np_dtype, count=(r1 - r0) * t, offset=(r0 - s) * t * self._itemsize)
+        arr = np.fromfile(self._path(j), dtype=self._np_dtype, count=(r1 - r0) * t, offset=(r0 - s) * t * self._itemsize)
         out = torch.from_numpy(arr).reshape(r1 - r0, t).to(self.device)
         self.info.seconds["io"] += time.perf_counter() - t0
         return out
@@ -274,14 +285,12 @@ class TiledCholesky:
             if not torch.isfinite(panel).all():
                 raise ValueError(f"the kernel has NaN/inf entries in rows {s}..{self.n} of columns {s}..{e}")
             panel[:t].diagonal().add_(self.noise)
-            t0 = time.perf_counter()
+            t0, io0 = time.perf_counter(), self.info.seconds["io"]
             for k in range(j):
-                io0 = self.info.seconds["io"]
                 Ljk = self._rows(k, s, e)  # (t, t_k)
                 panel[:t].addmm_(Ljk, Ljk.mT, alpha=-1.0)
                 for r0, r1 in self._row_chunks(e):
                     panel[r0 - s : r1 - s].addmm_(self._rows(k, r0, r1), Ljk.mT, alpha=-1.0)
-                t0 += self.info.seconds["io"] - io0  # do not count reading as factor time
             L, err = torch.linalg.cholesky_ex(panel[:t])
             if int(err) != 0:
                 raise NotPositiveDefiniteError(
@@ -294,7 +303,8 @@ class TiledCholesky:
                 for r0, r1 in self._row_chunks(e):
                     sl = slice(r0 - s, r1 - s)
                     panel[sl] = torch.linalg.solve_triangular(L.mT, panel[sl], upper=True, left=False)
-            self.info.seconds["factor"] += time.perf_counter() - t0
+            # reading the earlier panels is counted as I/O, not as factor time
+            self.info.seconds["factor"] += time.perf_counter() - t0 - (self.info.seconds["io"] - io0)
             self._put(j, panel)
             del panel
             if key is not None:
