@@ -45,7 +45,7 @@ DEFAULT_BLOCK = 2**22  # kernel entries per tile (closed forms); quadrature tile
 
 def infinite_nngp(X1: Tensor, X2: Tensor | None = None, *, depth: int, activation: str = "relu",
                   W_std: float = 1.0, b_std: float = 0.0, block_size: int | None = None,
-                  quadrature_degree: int = 48) -> Tensor:
+                  quadrature_degree: int = 64) -> Tensor:
     """Infinite-width NNGP kernel ``Σ^depth`` of the NTK-parametrized MLP (the prior covariance of
     its output at initialization).
 
@@ -58,7 +58,10 @@ def infinite_nngp(X1: Tensor, X2: Tensor | None = None, *, depth: int, activatio
         b_std: ``σ_b ≥ 0``.
         block_size: kernel entries computed per tile (default 4M, divided by the number of
             quadrature nodes for tanh/gelu).
-        quadrature_degree: Gauss–Hermite nodes per dimension for tanh/gelu.
+        quadrature_degree: Gauss–Hermite nodes per dimension for tanh/gelu. The error falls like
+            ``exp(-c √degree)`` (tanh has poles near the real axis): at pre-activation variances
+            around 2, degree 64 gives about 1e-3 relative error for tanh and 1e-6 for gelu,
+            degree 150 about 1e-6 for tanh; the cost per entry is ``2 · degree²`` evaluations.
 
     Returns:
         The kernel in ``X1``'s dtype and device.  # shape: (N1, N2)
@@ -68,7 +71,7 @@ def infinite_nngp(X1: Tensor, X2: Tensor | None = None, *, depth: int, activatio
 
 def infinite_ntk(X1: Tensor, X2: Tensor | None = None, *, depth: int, activation: str = "relu",
                  W_std: float = 1.0, b_std: float = 0.0, block_size: int | None = None,
-                 quadrature_degree: int = 48) -> Tensor:
+                 quadrature_degree: int = 64) -> Tensor:
     """Infinite-width NTK ``Θ^depth`` of the NTK-parametrized MLP (one output; see
     :func:`multi_output` for ``C``). Arguments as :func:`infinite_nngp`.
 
