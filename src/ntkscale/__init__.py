@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from . import distributed
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
 from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator
@@ -34,6 +35,7 @@ __all__ = [
     "NTKOperator",
     "NonDeterministicModelError",
     "SolveInfo",
+    "distributed",
     "__version__",
     "build_preconditioner",
     "condition_number",
