@@ -300,3 +300,37 @@ def test_dead_rank_is_an_error_not_a_hang(ranks):
     assert err["type"] == "DistributedError", err
     assert "another rank died" in err["message"]
     assert err["seconds"] < TIMEOUT_S + 10
+
+
+def test_one_rank_group_in_process(tmp_path):
+    """World size 1 (no spawn): the sharded operator is the plain one, survives linear_operator's
+    rebuilds (``.double()``, ``K * 2``), and the solvers find its group inside composed operators."""
+    import torch.distributed as dist
+
+    from ntkscale.distributed import NTKOperator
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        model, X, Y, X_test, V = _problem()
+        K = NTKOperator(model.float(), X.float())
+        K64 = K.double()
+        assert isinstance(K64, NTKOperator) and K64.dtype == torch.float64 and K64.process_group is not None
+        # the float32 snapshot, exactly, in float64
+        dense = nks.NTKOperator(model, X.float().double(), dtype=torch.float64, backend="dense").to_dense()
+        _close(K64 @ V, dense @ V)
+        red = nks.solvers.reductions(K64 * 2.0)
+        assert red.group is K64.process_group and red.n == N * C
+        x, info = nks.solve(K64 * 2.0, Y.reshape(-1), noise=NOISE, tol=1e-12, max_iter=500)
+        _close(x, torch.linalg.solve(2 * dense + NOISE * torch.eye(N * C, dtype=torch.float64), Y.reshape(-1)), 1e-9)
+        assert K64.stats.products > 0 and K64.stats.allreduce_bytes > 0
+        with pytest.raises(TypeError, match="cannot be indexed"):
+            K64[0, 0]
+        with pytest.raises(TypeError, match="dense_rows"):
+            K64.to_dense()
+    finally:
+        dist.destroy_process_group()

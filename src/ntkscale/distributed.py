@@ -403,7 +403,7 @@ def _control_group(group):
         return group
     if group not in _CONTROL_GROUPS:
         ranks = dist.get_process_group_ranks(group)
-        _CONTROL_GROUPS[group] = dist.new_group(ranks=ranks, backend="gloo")
+        _CONTROL_GROUPS[group] = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
     return _CONTROL_GROUPS[group]
 
 

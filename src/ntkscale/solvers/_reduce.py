@@ -10,6 +10,10 @@ matrices, CG coefficients, convergence flags) is then the same on every rank.
 An operator is sharded when it (or a ``LinearOperator`` it is built from, e.g. ``K * 2``) has
 a ``process_group`` attribute that is not ``None``, with ``global_size`` (rows over all ranks)
 and ``row_offset`` (the first global row this rank holds).
+
+Random draws (sketches, start vectors, probes) are this rank's rows of one draw over all ``n``
+rows from the solver's seed: the same vectors whatever the number of ranks, at the price of
+drawing (not keeping) ``n·k`` numbers on every rank.
 """
 
 from __future__ import annotations
