@@ -9,10 +9,12 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 * :func:`build_preconditioner` — ``"jacobi"``, ``"pivchol"``, ``"nystrom"``, reusable across solves.
 * :func:`lanczos`, :func:`eigvalsh_extremes`, :func:`condition_number` — Lanczos spectra.
 * :func:`logdet`, :func:`spectral_density` — stochastic Lanczos quadrature.
+* :func:`reductions` — inner products and norms over rows, summed over ranks for a sharded ``K``.
 * :mod:`settings` — ``max_cg_iterations`` / ``cg_tolerance`` context managers for defaults.
 """
 
 from . import settings
+from ._reduce import Reductions, reductions
 from .cg import ConvergenceWarning, SolveInfo, solve
 from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
 from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
@@ -35,6 +37,7 @@ __all__ = [
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
     "Preconditioner",
+    "Reductions",
     "SolveInfo",
     "TiledCholesky",
     "build_preconditioner",
@@ -43,6 +46,7 @@ __all__ = [
     "eigvalsh_extremes",
     "lanczos",
     "logdet",
+    "reductions",
     "settings",
     "solve",
     "spectral_density",
