@@ -12,6 +12,7 @@ from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator
 from .solvers import (
     ConvergenceWarning,
+    SingularKernelError,
     SolveInfo,
     build_preconditioner,
     condition_number,
@@ -33,6 +34,7 @@ __all__ = [
     "ngd_step",
     "NTKOperator",
     "NonDeterministicModelError",
+    "SingularKernelError",
     "SolveInfo",
     "__version__",
     "build_preconditioner",

@@ -13,7 +13,7 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 """
 
 from . import settings
-from .cg import ConvergenceWarning, SolveInfo, solve
+from .cg import ConvergenceWarning, SingularKernelError, SolveInfo, solve
 from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
 from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
 from .preconditioners import (
@@ -35,6 +35,7 @@ __all__ = [
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
     "Preconditioner",
+    "SingularKernelError",
     "SolveInfo",
     "TiledCholesky",
     "build_preconditioner",
