@@ -89,7 +89,8 @@ class SolveInfo:
         state = "converged" if self.converged else "NOT converged"
         return (
             f"CG {state}: {self.iterations} iterations, max relative residual {worst:.2e} "
-            f"(tol {self.tol:.0e}), preconditioner={self.preconditioner}, "
+            f"(tol {self.tol:.0e}), preconditioner={self.preconditioner}"
+            f"{'' if self.preconditioner_rank is None else f' (rank {self.preconditioner_rank})'}, "
             f"{self.matvecs} matvecs, {self.seconds:.3g} s"
         )
 
@@ -345,7 +346,7 @@ def _advice(info: SolveInfo, P, roundoff: bool, breakdown: bool, dtype: torch.dt
         return head + f"; the true residual stalled at the round-off floor of {dtype} for this conditioning: {fix}"
     rank = getattr(P, "rank", None)
     if P is None or rank is None:
-        knob = "use preconditioner='nystrom' (rank=100, or up to 500)"
+        knob = "use preconditioner='nystrom' (its default rank adapts to the noise)"
     else:
         knob = f"raise the preconditioner's rank (now rank={rank}, e.g. rank={2 * rank})"
     return head + f"; raise max_iter (now {info.max_iter}) or {knob}"
