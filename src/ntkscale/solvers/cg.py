@@ -234,7 +234,8 @@ def solve(
                 ok = dAd > 0
                 breakdown = breakdown or not bool(ok.all())
                 if unregularized and not bool((quotient > floor).all()):
-                    singular = "negative curvature pᵀKp < 0" if not bool(ok.all()) else "vanishing curvature pᵀKp ≈ 0"
+                    sign = "negative" if not bool(ok.all()) else "vanishing"
+                    singular = f"{sign} curvature pᵀKp"
                 alpha = torch.where(ok, rz[act] / torch.where(ok, dAd, 1.0), 0.0)
                 X[:, cols] += alpha * Da
                 R[:, cols] -= alpha * ADa
