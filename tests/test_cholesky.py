@@ -200,3 +200,52 @@ def test_cuda_factor_matches_dense(kernel, on_disk, tmp_path):
     out = c.solve(B.cuda())
     assert out.device.type == "cuda" and c.info.on_disk == on_disk
     assert _rel(out.cpu(), torch.linalg.solve(kernel["K"] + 0.1 * torch.eye(111, dtype=DT), B)) < 1e-10
+
+
+def test_resume_key_tells_apart_kernels_that_differ_far_from_the_corner(kernel, tmp_path):
+    # Two NTKs on data that differ only in samples 34..36 (rows 102..110 with C = 3): the
+    # top-left corner of the kernels is identical, the factors are not.
+    X2 = kernel["X"].clone()
+    X2[34:] += 0.5
+    J2 = reference_jacobian(kernel["model"], X2)
+    kw = dict(tile=12, memory_budget=30_000, scratch_dir=tmp_path)
+    K1 = nks.NTKOperator(kernel["model"], kernel["X"], backend="structured")
+    K2 = nks.NTKOperator(kernel["model"], X2, backend="structured")
+    assert torch.equal(K1[:64, :64].to_dense(), K2[:64, :64].to_dense())
+    B = torch.randn(111, 3, dtype=DT)
+    TiledCholesky(K1, 0.1, **kw)
+    c2 = TiledCholesky(K2, 0.1, **kw)
+    assert c2.info.resumed_tiles == 0
+    assert _rel(c2.solve(B), torch.linalg.solve(J2 @ J2.T + 0.1 * torch.eye(111, dtype=DT), B)) < 1e-10
+    # The same kernel, built afresh (a copy of the model, the data re-made), does resume.
+    K1b = nks.NTKOperator(copy.deepcopy(kernel["model"]), kernel["X"].clone(), backend="structured")
+    assert K1b.fingerprint() == K1.fingerprint() != K2.fingerprint()
+    TiledCholesky(K1, 0.1, **kw)
+    assert TiledCholesky(K1b, 0.1, **kw).info.resumed_tiles == 10  # 111 rows in tiles of 12
+    # What else defines the kernel changes the fingerprint: parameter selection, backend, dtype, weights.
+    last_layer = nks.NTKOperator(kernel["model"], kernel["X"], params="2", backend="structured")
+    assert last_layer.fingerprint() != K1.fingerprint()
+    assert K1.with_backend("dense").fingerprint() != K1.fingerprint()
+    assert K1.to(torch.float32).fingerprint() != K1.fingerprint()
+    moved = copy.deepcopy(kernel["model"])
+    with torch.no_grad():
+        moved[2].bias[1] += 1e-9
+    assert nks.NTKOperator(moved, kernel["X"], backend="structured").fingerprint() != K1.fingerprint()
+
+
+def test_resume_key_of_generic_operators_covers_every_entry(tmp_path):
+    # Dense kernels (no fingerprint method) that differ only in rows/columns 100..110.
+    gen = torch.Generator().manual_seed(0)
+    J = torch.randn(160, 40, dtype=DT, generator=gen)
+    A = J @ J.T
+    u = torch.zeros(160, dtype=DT)
+    u[100:111] = 1.0
+    A2 = A + torch.outer(u, u)
+    kw = dict(tile=16, memory_budget=60_000, scratch_dir=tmp_path)
+    B = torch.randn(160, 2, dtype=DT, generator=gen)
+    for make in (lambda M: M, DenseLinearOperator):
+        TiledCholesky(make(A), 0.1, **kw)
+        c2 = TiledCholesky(make(A2), 0.1, **kw)
+        assert c2.info.resumed_tiles == 0
+        assert _rel(c2.solve(B), torch.linalg.solve(A2 + 0.1 * torch.eye(160, dtype=DT), B)) < 1e-10
+        assert TiledCholesky(make(A2.clone()), 0.1, **kw).info.resumed_tiles == c2.info.tiles

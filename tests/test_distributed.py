@@ -99,6 +99,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["solve_iterations"] = info.iterations
         res["solve_nystrom"], info = nks.solve(K, y, noise=NOISE, tol=1e-12, max_iter=500, preconditioner="nystrom", rank=8)
         res["solve_nystrom_iterations"] = info.iterations
+        res["solve_adaptive"], info = nks.solve(K, y, noise=NOISE, tol=1e-12, max_iter=500, preconditioner="nystrom")
+        res["solve_adaptive_rank"] = info.preconditioner_rank
         res["cond"] = nks.condition_number(K, noise=NOISE, tol=1e-10)
         ext = nks.eigvalsh_extremes(K, k=2, noise=NOISE, tol=1e-10)
         res["largest"], res["smallest"] = ext.largest, ext.smallest
@@ -203,6 +205,7 @@ def reference():
         "one_process": {
             "solve": nks.solve(Ka, y, noise=NOISE, tol=1e-12, max_iter=500)[0],
             "nystrom": nks.solve(Ka, y, noise=NOISE, tol=1e-12, max_iter=500, preconditioner="nystrom", rank=8),
+            "adaptive": nks.solve(Ka, y, noise=NOISE, tol=1e-12, max_iter=500, preconditioner="nystrom"),
             "cond": nks.condition_number(Ka, noise=NOISE, tol=1e-10),
             "largest": ext.largest,
             "smallest": ext.smallest,
@@ -244,6 +247,9 @@ def test_solve_matches_one_process(ranks, reference):
     _close(_gather(ranks, "solve_nystrom"), x_ny)
     assert ranks[0]["solve_nystrom_iterations"] == ranks[1]["solve_nystrom_iterations"] == info_ny.iterations
     assert ranks[0]["solve_iterations"] == ranks[1]["solve_iterations"]
+    x_ad, info_ad = one["adaptive"]  # the adaptive Nyström rank: the same sketch on any number of ranks
+    _close(_gather(ranks, "solve_adaptive"), x_ad)
+    assert ranks[0]["solve_adaptive_rank"] == ranks[1]["solve_adaptive_rank"] == info_ad.preconditioner_rank
 
 
 def test_spectrum_matches_one_process(ranks, reference):

@@ -14,6 +14,7 @@ from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator
 from .solvers import (
     ConvergenceWarning,
+    SingularKernelError,
     SolveInfo,
     build_preconditioner,
     condition_number,
@@ -37,6 +38,7 @@ __all__ = [
     "ngd_step",
     "NTKOperator",
     "NonDeterministicModelError",
+    "SingularKernelError",
     "SolveInfo",
     "distributed",
     "__version__",

@@ -178,6 +178,34 @@ class NTKOperator(LinearOperator):
         state = replace(self._st, backend=get_backend(backend), choice={})
         return NTKOperator(self.X1, self.X2, *self.params, *self.fixed, _state=state)
 
+    def fingerprint(self) -> str:
+        """A digest of everything that defines this kernel's entries (hex SHA-256).
+
+        It covers the network's structure (class and ``repr`` of the module, the names of the
+        parameters the kernel is taken over and of the fixed tensors, the output count), the
+        values, shapes and dtypes of the parameters, of the fixed tensors (other parameters,
+        buffers) and of the data ``X1`` (and ``X2``), the rows/columns selected by slicing, the
+        backend and the dtype. Two operators with equal fingerprints have equal entries;
+        caches keyed on it (e.g. :class:`ntkscale.solvers.TiledCholesky`'s resume) cannot mix
+        kernels. Costs one pass over these tensors (no products).
+        """
+        import hashlib
+
+        st = self._st
+        h = hashlib.sha256()
+        mod = st.fm.module
+        head = (type(mod).__module__, type(mod).__qualname__, repr(mod), st.fm.names, st.fm.fixed_names)
+        h.update(repr(head + (st.fm.num_outputs, st.square, self.backend, str(self.dtype))).encode())
+        tensors = [self.X1, None if st.square else self.X2, st.rows, st.cols, *self.params, *self.fixed]
+        for t in tensors:
+            if t is None:
+                h.update(b"-")
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
     def _data(self) -> KernelData:
         st = self._st
         return KernelData(

@@ -15,7 +15,7 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 
 from . import settings
 from ._reduce import Reductions, reductions
-from .cg import ConvergenceWarning, SolveInfo, solve
+from .cg import ConvergenceWarning, SingularKernelError, SolveInfo, solve
 from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
 from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
 from .preconditioners import (
@@ -38,6 +38,7 @@ __all__ = [
     "PivotedCholeskyPreconditioner",
     "Preconditioner",
     "Reductions",
+    "SingularKernelError",
     "SolveInfo",
     "TiledCholesky",
     "build_preconditioner",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -59,3 +60,42 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return gen
+
+
+def operator_fingerprint(K) -> str:
+    """A digest (hex SHA-256) of what defines the entries of ``K``, for keying caches on disk.
+
+    * An object with a ``fingerprint()`` method (e.g. :class:`ntkscale.NTKOperator`, which digests
+      its network, parameters, data, parameter selection, backend and dtype): that string.
+    * A tensor: its shape, dtype and every byte of its values.
+    * A ``linear_operator.LinearOperator``: its class, and recursively its representation
+      (``_args`` tensors and operators, ``_kwargs``), so equal digests mean equal operators for
+      every operator whose class is defined by its representation.
+    """
+    h = hashlib.sha256()
+    _digest(h, K)
+    return h.hexdigest()
+
+
+def _digest(h, obj) -> None:
+    fingerprint = getattr(obj, "fingerprint", None)
+    if callable(fingerprint):
+        h.update(b"F" + str(fingerprint()).encode())
+    elif torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(b"T" + repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif hasattr(obj, "_args") and hasattr(obj, "_kwargs"):  # a LinearOperator
+        h.update(b"L" + f"{type(obj).__module__}.{type(obj).__qualname__}".encode())
+        for arg in obj._args:
+            _digest(h, arg)
+        for name in sorted(obj._kwargs):
+            h.update(b"K" + name.encode())
+            _digest(h, obj._kwargs[name])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"(")
+        for item in obj:
+            _digest(h, item)
+        h.update(b")")
+    else:
+        h.update(b"R" + repr(obj).encode())

@@ -19,11 +19,33 @@ from ._reduce import reductions
 from ._utils import check_noise, check_operator, shifted_matmul
 from .preconditioners import build_preconditioner
 
-__all__ = ["ConvergenceWarning", "SolveInfo", "solve"]
+__all__ = ["ConvergenceWarning", "SingularKernelError", "SolveInfo", "solve"]
+
+# Breakdown tests, applied only while the noise does not regularize K in working precision
+# (noise ≤ SINGULAR_CURVATURE · eps · λ, with λ the largest Rayleigh quotient pᵀKp / pᵀp seen).
+SINGULAR_CURVATURE = 10.0  # pᵀ(K + noise I)p ≤ this · eps · λ · pᵀp: vanishing curvature
+RESIDUAL_GROWTH = 100.0  # the recursive residual grew to this × the smallest it had reached
 
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance; the message names the knob."""
+
+
+class SingularKernelError(ValueError):
+    """``K + noise I`` is singular (to working precision) and the right-hand side is not in its
+    range: CG broke down, and no iteration count or preconditioner can help; ``noise > 0`` is
+    needed.
+
+    Attributes:
+        iterations: CG iterations made before the breakdown was detected.
+        rank_bound: an upper bound on the rank of ``K`` when the operator exposes one
+            (``K.num_params``, as for ``K = J Jᵀ`` with ``J`` of ``num_params`` columns), else ``None``.
+        n: the size of ``K``.
+    """
+
+    def __init__(self, message: str, iterations: int, rank_bound: int | None, n: int):
+        super().__init__(message)
+        self.iterations, self.rank_bound, self.n = iterations, rank_bound, n
 
 
 @dataclass
@@ -44,6 +66,10 @@ class SolveInfo:
         max_iter: the iteration cap in force.
         restarts: how often CG was restarted from the current ``x`` because the recursive
             residual claimed convergence but the true residual did not.
+        preconditioner_rank: rank of a low-rank preconditioner (for ``"nystrom"`` without a
+            ``rank``, the one chosen adaptively), else ``None``.
+        preconditioner_seconds: time spent building the preconditioner within this solve (0 for
+            none or a ready-built one); included in ``seconds``.
     """
 
     iterations: int
@@ -56,13 +82,16 @@ class SolveInfo:
     tol: float = 0.0
     max_iter: int = 0
     restarts: int = 0
+    preconditioner_rank: int | None = None
+    preconditioner_seconds: float = 0.0
 
     def __str__(self) -> str:
         worst = self.residual_norm.max().item() if self.residual_norm.numel() else 0.0
         state = "converged" if self.converged else "NOT converged"
         return (
             f"CG {state}: {self.iterations} iterations, max relative residual {worst:.2e} "
-            f"(tol {self.tol:.0e}), preconditioner={self.preconditioner}, "
+            f"(tol {self.tol:.0e}), preconditioner={self.preconditioner}"
+            f"{'' if self.preconditioner_rank is None else f' (rank {self.preconditioner_rank})'}, "
             f"{self.matvecs} matvecs, {self.seconds:.3g} s"
         )
 
@@ -101,8 +130,12 @@ def solve(
         tol: relative residual tolerance, > 0 (default :class:`settings.cg_tolerance`, 1e-4).
         max_iter: cap on CG iterations, ≥ 1 (default ``min(n, settings.max_cg_iterations)``,
             i.e. ``min(n, 1000)``).
-        rank: rank of the ``"nystrom"`` / ``"pivchol"`` preconditioners (default
-            ``min(n, 100)``); ignored otherwise.
+        rank: rank of the ``"nystrom"`` / ``"pivchol"`` preconditioners; ignored otherwise.
+            Default: ``"nystrom"`` chooses it adaptively when ``noise > 0`` (the sketch doubles
+            until its estimated tail eigenvalue is near ``noise``, or a cost cap of about half
+            the products plain CG would need, at most ``min(n, 1000)``; see
+            :class:`~ntkscale.solvers.NystromPreconditioner`), else ``min(n, 100)``. The rank
+            used is reported as ``info.preconditioner_rank``.
         x0: initial guess.  # shape: like rhs
         progress: show a tqdm bar with the iteration and the largest recursive residual.
         seed: seed of the Nyström sketch.
@@ -112,9 +145,19 @@ def solve(
         ``(x, info)``: the solution, shaped like ``rhs`` (dtype ``K.dtype``), and a
         :class:`SolveInfo`.
 
+    Breakdown: while ``noise`` is too small to regularize ``K`` in working precision (``noise = 0``
+    in particular), each iteration checks for the signs of a singular ``K`` with a right-hand
+    side outside its range: curvature ``pᵀ(K + noise I)p`` that is negative or vanishing (below
+    ``10 · eps`` times the largest Rayleigh quotient seen), or a residual grown to 100× the
+    smallest it had reached. CG then stops and :class:`SingularKernelError` is raised, naming the
+    rank bound when ``K`` exposes ``num_params`` (an NTK ``J Jᵀ`` has rank ≤ P, so with
+    ``N·C > P`` it is singular) and saying that ``noise > 0`` is needed. The same error is raised
+    when such a solve ends unconverged on an operator whose ``num_params`` is below its size.
+
     Raises:
         ValueError: for a non-square ``K``, ``noise < 0``, ``tol ≤ 0``, ``max_iter < 1``, an
             ``rhs``/``x0`` of the wrong shape or with NaN/inf, or an unknown preconditioner.
+        SingularKernelError: ``K + noise I`` is singular and CG broke down (see above).
 
     Example:
         >>> import torch
@@ -136,7 +179,9 @@ def solve(
     B, vec = _check_rhs(rhs, n, "rhs")
     B = B.to(dtype=dtype, device=device)  # shape: (n, k)
 
+    built = time.perf_counter()
     P = _resolve_preconditioner(K, preconditioner, n, noise, rank, seed)
+    built = time.perf_counter() - built if isinstance(preconditioner, str) else 0.0
     pname = None if P is None else getattr(P, "name", type(P).__name__)
 
     def A(V: torch.Tensor) -> torch.Tensor:
@@ -149,6 +194,9 @@ def solve(
 
     matvecs = iterations = restarts = 0
     breakdown = roundoff = False
+    eps = torch.finfo(dtype).eps
+    lam_seen = 0.0  # largest Rayleigh quotient pᵀ(K + noise I)p / pᵀp met so far
+    singular: str | None = None  # the sign of breakdown met, when noise does not regularize K
     bnorm = red.norm(B)  # shape: (k,)
     zero_col = bnorm == 0
     bnorm = torch.where(zero_col, torch.ones_like(bnorm), bnorm)
@@ -165,6 +213,7 @@ def solve(
         R = B - A(X)
     rel = red.norm(R) / bnorm  # shape: (k,), true relative residual
     done = rel <= tol
+    best = rel.clone()  # smallest recursive residual reached per column
 
     bar = tqdm(total=max_iter, desc="CG", disable=not progress, leave=False)
     try:
@@ -175,13 +224,20 @@ def solve(
             D = Z.clone()  # search directions, shape: (n, t)
             rz = red.dot(R[:, todo], Z)  # shape: (t,)
             act = torch.arange(todo.numel(), device=device)  # positions into todo still iterating
-            while act.numel() and iterations < max_iter:
+            while act.numel() and iterations < max_iter and singular is None:
                 cols = todo[act]
                 Da = D[:, act]
                 ADa = A(Da)  # shape: (n, a)
                 dAd = red.dot(Da, ADa)
+                quotient = dAd / red.dot(Da, Da).clamp_min(torch.finfo(dtype).tiny)
+                lam_seen = max(lam_seen, quotient.max().item())
+                floor = SINGULAR_CURVATURE * eps * lam_seen
+                unregularized = noise <= floor
                 ok = dAd > 0
                 breakdown = breakdown or not bool(ok.all())
+                if unregularized and not bool((quotient > floor).all()):
+                    sign = "negative" if not bool(ok.all()) else "vanishing"
+                    singular = f"{sign} curvature pᵀKp"
                 alpha = torch.where(ok, rz[act] / torch.where(ok, dAd, 1.0), 0.0)
                 X[:, cols] += alpha * Da
                 R[:, cols] -= alpha * ADa
@@ -190,6 +246,11 @@ def solve(
                 if progress:
                     bar.update(1)
                     bar.set_postfix(residual=f"{rec.max().item():.2e}")
+                if unregularized and singular is None and bool((rec > RESIDUAL_GROWTH * best[cols]).any()):
+                    singular = f"the residual grew to over {RESIDUAL_GROWTH:g}× the smallest it had reached"
+                best[cols] = torch.minimum(best[cols], rec)
+                if singular is not None:
+                    break
                 keep = (rec > tol) & ok & torch.isfinite(rec)
                 act = act[keep]
                 if not act.numel():
@@ -200,6 +261,8 @@ def solve(
                 beta = rz_new / rz[act]
                 D[:, act] = Za + beta * D[:, act]
                 rz[act] = rz_new
+            if singular is not None:
+                break
             # True residual of the columns just iterated: one batched product.
             recursive = red.norm(R[:, todo]) / bnorm[todo]
             R[:, todo] = B[:, todo] - A(X[:, todo])
@@ -219,6 +282,13 @@ def solve(
         bar.close()
 
     converged = bool(done.all())
+    rank_bound = _rank_bound(K)
+    if not converged and singular is None and noise <= SINGULAR_CURVATURE * eps * lam_seen:
+        if rank_bound is not None and rank_bound < n:
+            singular = "no convergence"
+    if singular is not None:
+        message = _singular_message(singular, iterations, noise, rank_bound, n, lam_seen, dtype)
+        raise SingularKernelError(message, iterations, rank_bound, n)
     info = SolveInfo(
         iterations=iterations,
         residual_norm=rel,
@@ -230,10 +300,36 @@ def solve(
         tol=tol,
         max_iter=max_iter,
         restarts=restarts,
+        preconditioner_rank=getattr(P, "rank", None),
+        preconditioner_seconds=built,
     )
     if warn and not converged:
         warnings.warn(_advice(info, P, roundoff, breakdown, dtype), ConvergenceWarning, stacklevel=2)
     return (X.squeeze(-1) if vec else X), info
+
+
+def _rank_bound(K) -> int | None:
+    """``K.num_params`` when the operator exposes it (an upper bound on the rank of ``J Jᵀ``)."""
+    p = getattr(K, "num_params", None)
+    return p if isinstance(p, int) and not isinstance(p, bool) and p > 0 else None
+
+
+def _singular_message(sign: str, iterations: int, noise: float, rank_bound, n: int, lam: float, dtype) -> str:
+    if rank_bound is not None and rank_bound < n:
+        what = (
+            f"K is singular: its rank is at most P = {rank_bound} (the parameters it is taken over) "
+            f"< N·C = {n} (its size)"
+        )
+    else:
+        what = f"K + noise I is singular to working precision ({dtype})"
+    floor = SINGULAR_CURVATURE * torch.finfo(dtype).eps * lam
+    how = "noise = 0" if noise == 0 else f"noise = {noise:.3g} below the precision floor {floor:.3g}"
+    return (
+        f"{what}, with {how}: CG broke down after {iterations} iterations ({sign}). A right-hand "
+        "side outside the range of K has no solution, and no max_iter or preconditioner rank can "
+        f"help: use noise > 0 (e.g. 1e-6 to 1e-2 times mean(diag K); the largest curvature seen "
+        f"was {lam:.3g})"
+    )
 
 
 def _advice(info: SolveInfo, P, roundoff: bool, breakdown: bool, dtype: torch.dtype) -> str:
@@ -253,7 +349,7 @@ def _advice(info: SolveInfo, P, roundoff: bool, breakdown: bool, dtype: torch.dt
         return head + f"; the true residual stalled at the round-off floor of {dtype} for this conditioning: {fix}"
     rank = getattr(P, "rank", None)
     if P is None or rank is None:
-        knob = "use preconditioner='nystrom' (rank=100, or up to 500)"
+        knob = "use preconditioner='nystrom' (its default rank adapts to the noise)"
     else:
         knob = f"raise the preconditioner's rank (now rank={rank}, e.g. rank={2 * rank})"
     return head + f"; raise max_iter (now {info.max_iter}) or {knob}"

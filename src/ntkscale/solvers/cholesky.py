@@ -18,7 +18,10 @@ the samples the block touches and a few GEMMs). Triangular solves stream the pan
 block of right-hand sides.
 
 With ``scratch_dir`` given, a manifest records which panels are done: a run that stops (or a
-later process with the same kernel, noise and tiling) resumes from the last finished panel.
+later process with the same kernel, noise and tiling) resumes from the last finished panel. The
+kernel is recognized by :func:`~ntkscale.solvers._utils.operator_fingerprint`: the operator's own
+``fingerprint()`` when it has one (an :class:`ntkscale.NTKOperator` digests its parameters, data,
+parameter selection, backend and dtype), else a digest of its representation tensors.
 Without it the panels live in a temporary directory removed when the factor is garbage collected
 (or, when the whole factor fits in half of ``memory_budget``, in memory).
 """
@@ -40,6 +43,8 @@ import torch
 from linear_operator import to_dense
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from ._utils import operator_fingerprint
 
 __all__ = ["CholeskyInfo", "NotPositiveDefiniteError", "TiledCholesky", "cholesky_bytes", "free_disk_bytes"]
 
@@ -231,9 +236,8 @@ class TiledCholesky:
 
     # -- resume ---------------------------------------------------------------------------------
     def _key(self) -> str:
-        m = min(self.n, 64)
-        corner = to_dense(self._K[:m, :m]).detach().to(torch.float32).cpu().contiguous().numpy()
-        h = hashlib.sha1(corner.tobytes())
+        """What defines the factor: the kernel's fingerprint, the noise, the tiling and the dtype."""
+        h = hashlib.sha256(operator_fingerprint(self._K).encode())
         h.update(repr((self.n, self.noise, self.bounds, str(self.dtype))).encode())
         return h.hexdigest()
 
