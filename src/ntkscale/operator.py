@@ -32,6 +32,7 @@ from .functional import (
     FunctionalModel,
     activation_bytes_per_sample,
     default_chunk_size,
+    evaluation_mode,
     select_parameters,
 )
 
@@ -433,7 +434,7 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     names = dict(zip(fm.names, p))
     names.update(zip(fm.fixed_names, fx))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode():
             out = torch.func.functional_call(fm.module, names, (xs,))
     except Exception as err:
         raise ValueError(

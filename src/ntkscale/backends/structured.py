@@ -34,7 +34,9 @@ from ..functional import FunctionalModel, chunks
 from .autodiff import AutodiffBackend
 from .base import Backend, KernelData, ParamVec
 
-__all__ = ["StructuredBackend", "KeOpsBackend", "CudaBackend", "Factors", "layer_specs"]
+__all__ = [
+    "StructuredBackend", "KeOpsBackend", "CudaBackend", "Factors", "layer_specs", "factorable_layers",
+]
 
 log = logging.getLogger("ntkscale")
 
@@ -70,6 +72,71 @@ def layer_specs(fm: FunctionalModel) -> tuple[list[LayerSpec], list[str]]:
         covered.update(x for x in (w, b) if x)
     rest = [n for n in fm.names if n not in covered]
     return specs, rest
+
+
+def factorable_layers(data: KernelData) -> tuple[list[LayerSpec], list[str]]:
+    """:func:`layer_specs`, checked on the data: layers whose factors do not give their gradient
+    are moved to the autodiff rest.
+
+    A ``Linear`` can be in the model without being called (``nn.MultiheadAttention`` uses
+    ``out_proj.weight`` functionally), its weight can also be used outside its call (tied
+    weights), or its input can hold the batch elsewhere than in front (sequence-first). For each
+    candidate layer the factors of the first sample, ``Σ_p g_p a_pᵀ`` under a random cotangent on
+    that sample's outputs only, are compared with autograd's gradient of the same scalar; a layer
+    that is never called or disagrees goes through autodiff, as other layer types do.
+    """
+    fm = data.fm
+    specs, rest = layer_specs(fm)
+    if not specs:
+        return specs, rest
+    X = data.X1[: min(2, data.X1.shape[0])]
+    params = [p.detach().requires_grad_(True) for p in data.params]
+    pos = {n: i for i, n in enumerate(fm.names)}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.enable_grad(), _Capture(fm, specs) as cap:
+        out = fm(params, data.fixed, X)  # (n, C)
+        r = torch.zeros_like(out)
+        r[0] = torch.randn(out.shape[1], generator=gen, dtype=out.dtype).to(out.device)
+        deltas = [d for ds in cap.deltas for d in ds]
+        grads = torch.autograd.grad(out, [*deltas, *params], r, allow_unused=True)
+    g_delta, g_param = grads[: len(deltas)], grads[len(deltas) :]
+    keep, moved, k = [], [], 0
+    for idx, (spec, mod) in enumerate(zip(specs, cap.layers)):
+        uses = len(cap.deltas[idx])
+        ok = uses > 0
+        gw = gb = 0
+        for use in range(uses):
+            g = g_delta[k]
+            k += 1
+            if g is None:
+                continue
+            A = _unfold_input(mod, cap.inputs[idx][use][:1])[0]  # (L, d)
+            G = _grad_rows(mod, g[:1].unsqueeze(0))[0, 0]  # (L, o)
+            gw = gw + G.T @ A
+            gb = gb + G.sum(0)
+        for name, est in ((spec.weight, gw), (spec.bias, gb)):
+            if not ok or name is None:
+                continue
+            ref = g_param[pos[name]]
+            ref = torch.zeros_like(params[pos[name]]) if ref is None else ref
+            est = torch.zeros_like(ref) if isinstance(est, int) else est.reshape(ref.shape)
+            tol = (1e-8 if ref.dtype == torch.float64 else 1e-3) * (ref.abs().max().item() + 1e-12)
+            ok = ok and (est - ref).abs().max().item() <= tol + 1e-30
+        if ok:
+            keep.append(spec)
+        else:
+            moved.extend(n for n in (spec.weight, spec.bias) if n)
+            log.info(
+                "ntkscale: layer %r %s; its parameters go through autodiff",
+                spec.module_name,
+                "is not called in the forward pass" if uses == 0
+                else "is not used as a per-sample layer call alone (weights used elsewhere or a "
+                "batch axis not in front)",
+            )
+    if moved:
+        chosen = set(rest) | set(moved)
+        rest = [n for n in fm.names if n in chosen]
+    return keep, rest
 
 
 @dataclass
@@ -177,7 +244,7 @@ class StructuredBackend(Backend):
         """(specs, indices of each spec's weight/bias in data.params, rest-data or None)."""
 
         def build():
-            specs, rest = layer_specs(data.fm)
+            specs, rest = factorable_layers(data)
             pos = {n: i for i, n in enumerate(data.fm.names)}
             idx = [(pos.get(s.weight), pos.get(s.bias)) for s in specs]
             return specs, idx, rest
