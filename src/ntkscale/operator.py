@@ -77,8 +77,10 @@ class NTKOperator(LinearOperator):
         params: the parameters the kernel is taken over: names (``"2.weight"``, or a submodule
             prefix such as ``"2"``) or the parameter tensors; default all that require grad.
         dtype: cast data, parameters and floating buffers to this dtype (e.g. ``torch.float64``).
-        allow_nondeterministic: skip the refusal of models whose outputs are random (dropout in
-            train mode) or batch-dependent (BatchNorm in train mode).
+        allow_nondeterministic: no longer supported; ``True`` raises
+            :class:`NonDeterministicModelError` saying what to do instead. A model whose output is
+            random (dropout in train mode) or depends on the rest of its batch (BatchNorm in train
+            mode) has no NTK that is a kernel: call ``model.eval()`` first.
         memory_budget: bytes the operator may spend on temporaries (default 256 MiB).
         factor_budget: bytes of per-layer factors the structured backends may cache (default
             4 GiB); beyond it they are recomputed chunk by chunk on every product.
@@ -220,6 +222,16 @@ class NTKOperator(LinearOperator):
     def matmul(self, other):
         if torch.is_tensor(other):
             self._check_rhs(other)
+        elif not isinstance(other, LinearOperator):
+            raise TypeError(
+                f"K @ v needs a torch.Tensor (or a LinearOperator) of shape ({self.shape[-1]},) or "
+                f"({self.shape[-1]}, k); got {type(other).__module__}.{type(other).__name__}"
+                + (
+                    f"; convert it with torch.as_tensor(v, dtype={self.dtype}, device='{self.device}')"
+                    if hasattr(other, "__array__") or isinstance(other, (list, tuple))
+                    else ""
+                )
+            )
         return super().matmul(other)
 
     def __matmul__(self, other):
@@ -328,6 +340,12 @@ def _build(
 ):
     if not isinstance(model, nn.Module):
         raise TypeError(f"NTKOperator(model, X): model must be a torch.nn.Module, got {type(model).__name__}")
+    if allow_nondeterministic:
+        raise NonDeterministicModelError(
+            "allow_nondeterministic=True is no longer supported: a model whose output is random "
+            "(dropout in train mode) or depends on its batch (BatchNorm in train mode) has no NTK "
+            "that is a kernel, and no backend computes one. " + _WHAT_TO_DO
+        )
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -433,13 +451,22 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     xs = X[: min(X.shape[0], 4)]
     names = dict(zip(fm.names, p))
     names.update(zip(fm.fixed_names, fx))
-    try:
+
+    def call(x):
         with torch.no_grad(), evaluation_mode():
-            out = torch.func.functional_call(fm.module, names, (xs,))
+            return torch.func.functional_call(fm.module, names, (x,))
+
+    try:
+        out = call(xs)
     except Exception as err:
+        if _train_mode_layers(fm.module):  # e.g. BatchNorm in train mode on a batch of one
+            raise NonDeterministicModelError(
+                f"the model rejected X in train mode ({type(err).__name__}: {err}). "
+                + _what_to_do(fm.module)
+            ) from err
         raise ValueError(
             f"X has shape {tuple(X.shape)} ({tuple(X.shape[1:])} per sample) but the model "
-            f"rejected it: {type(err).__name__}: {err}"
+            f"rejected it: {type(err).__name__}: {err}.{_single_sample_hint(call, X)}"
         ) from err
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return a Tensor of shape (N, C) or (N,), got {type(out).__name__}")
@@ -450,13 +477,12 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     else:
         raise ValueError(
             f"the model must map a batch of {xs.shape[0]} samples to shape ({xs.shape[0]}, C) or "
-            f"({xs.shape[0]},); it returned {tuple(out.shape)}"
+            f"({xs.shape[0]},); it returned {tuple(out.shape)} for X of shape {tuple(X.shape)}."
+            f"{_single_sample_hint(call, X)}"
         )
     if not out.is_floating_point():
         raise TypeError(f"the model's output must be floating point, got {out.dtype}")
     fm = replace(fm, num_outputs=C, scalar_output=scalar)
-    if allow_nondeterministic:
-        return fm
     # Dropout gives a different output on a second call; BatchNorm in train mode makes a sample's
     # output depend on the rest of its batch. Either way J(x) is not a function of x alone.
     probe_fx = [t.clone() for t in fx]  # train-mode BatchNorm would update running stats in place
@@ -473,21 +499,51 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     except Exception as err:  # e.g. BatchNorm in train mode on a batch of one
         why = f"evaluating one sample at a time failed ({type(err).__name__}: {err})"
     if why is not None:
-        training = [type(m).__name__ for m in fm.module.modules() if m.training and _mode_dependent(m)]
-        hint = (
-            f" The model is in train mode with {sorted(set(training))}: call model.eval()."
-            if training
-            else ""
-        )
         raise NonDeterministicModelError(
             f"the model's output is not a deterministic per-sample function: {why}, so its NTK is "
-            f"not a kernel.{hint} Pass allow_nondeterministic=True to build the operator anyway."
+            f"not a kernel. " + _what_to_do(fm.module)
         )
     return fm
 
 
+_WHAT_TO_DO = (
+    "Call model.eval() before building the operator: dropout is then off and BatchNorm uses its "
+    "running statistics. To take the kernel at a training batch's statistics instead, copy them "
+    "into each BatchNorm's running_mean and running_var, then call model.eval()."
+)
+
+
+def _what_to_do(module: nn.Module) -> str:
+    training = _train_mode_layers(module)
+    if training:
+        return f"The model is in train mode with {training}. " + _WHAT_TO_DO
+    return (
+        "Make its forward a deterministic function of each sample alone (no random ops, no "
+        "statistics over the batch), e.g. call model.eval() if it has train-mode behaviour."
+    )
+
+
+def _train_mode_layers(module: nn.Module) -> list[str]:
+    """Names of the layer types in train mode whose output is random or batch-dependent."""
+    return sorted({type(m).__name__ for m in module.modules() if m.training and _mode_dependent(m)})
+
+
 def _mode_dependent(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
+
+
+def _single_sample_hint(call, X: Tensor) -> str:
+    """When ``X`` looks like one sample without its batch dimension, say to add it."""
+    try:
+        out = call(X.unsqueeze(0))
+    except Exception:
+        return ""
+    if isinstance(out, Tensor) and out.ndim in (1, 2) and out.shape[0] == 1:
+        return (
+            f" X looks like a single sample without its batch dimension: the model accepts "
+            f"X.unsqueeze(0) of shape {tuple(X.unsqueeze(0).shape)}; pass that (or a batch X[i:i+1])."
+        )
+    return ""
 
 
 # -- index helpers ------------------------------------------------------------------------------
