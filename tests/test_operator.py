@@ -132,6 +132,7 @@ def test_rows_take_only_their_tangents(refs, monkeypatch):
     assert widths == [1, 2]  # one tangent per requested row (C = 3 per touched sample before)
 
 
+@pytest.mark.filterwarnings("ignore::ntkscale.SmallChunkWarning")
 @pytest.mark.parametrize("case", ["mlp-C3", "cnn-C2"])
 def test_chunking_invariance(case):
     model, X, _ = make(case, n=9)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
 from .ngd import FunctionSpaceNGD, ngd_step
-from .operator import NonDeterministicModelError, NTKOperator
+from .operator import NonDeterministicModelError, NTKOperator, SmallChunkWarning
 from .solvers import (
     ConvergenceWarning,
     SolveInfo,
@@ -33,6 +33,7 @@ __all__ = [
     "ngd_step",
     "NTKOperator",
     "NonDeterministicModelError",
+    "SmallChunkWarning",
     "SolveInfo",
     "__version__",
     "build_preconditioner",

@@ -20,6 +20,8 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -36,7 +38,7 @@ from .functional import (
     select_parameters,
 )
 
-__all__ = ["NTKOperator", "NonDeterministicModelError"]
+__all__ = ["NTKOperator", "NonDeterministicModelError", "SmallChunkWarning"]
 
 log = logging.getLogger("ntkscale")
 
@@ -45,6 +47,13 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for temporaries: activations of a c
 
 class NonDeterministicModelError(ValueError):
     """The model's outputs change between calls or depend on the rest of the batch."""
+
+
+class SmallChunkWarning(UserWarning):
+    """An explicit ``chunk_size`` far below what the memory budget allows (slow products)."""
+
+
+SMALL_CHUNK_FACTOR = 8  # warn when the memory budget allows this many times the chunk given
 
 
 @dataclass(eq=False)
@@ -73,7 +82,8 @@ class NTKOperator(LinearOperator):
         X2: data for the columns (the cross-kernel ``Θ(X1, X2)``); ``None`` for ``Θ(X1, X1)``.
         backend: ``"auto"`` (a cost model picks and logs its choice at INFO), ``"autodiff"``,
             ``"structured"``, ``"keops"``, ``"cuda"`` or ``"dense"``.
-        chunk_size: samples per forward/backward pass; default from ``memory_budget``.
+        chunk_size: samples per forward/backward pass; default from ``memory_budget``. One far
+            below what the budget allows (8x or more) gives a :class:`SmallChunkWarning`.
         params: the parameters the kernel is taken over: names (``"2.weight"``, or a submodule
             prefix such as ``"2"``) or the parameter tensors; default all that require grad.
         dtype: cast data, parameters and floating buffers to this dtype (e.g. ``torch.float64``).
@@ -384,8 +394,19 @@ def _build(
     if not square:
         _run(fm, p, fx, X2[:2], "X2")
 
+    fitting = default_chunk_size(activation_bytes_per_sample(fm, p, fx, X1[:1]), budget)
     if chunk_size is None:
-        chunk_size = default_chunk_size(activation_bytes_per_sample(fm, p, fx, X1[:1]), budget)
+        chunk_size = fitting
+    elif chunk_size * SMALL_CHUNK_FACTOR <= min(fitting, X1.shape[0]):
+        warnings.warn(
+            f"chunk_size={chunk_size} is far below the {min(fitting, X1.shape[0])} samples per pass "
+            f"that the memory budget ({budget / 2**20:.0f} MiB) allows: every product makes "
+            f"{math.ceil(X1.shape[0] / chunk_size)} passes where {math.ceil(X1.shape[0] / fitting)} "
+            f"would do, and small passes are slow. Leave chunk_size=None to use the budget, or "
+            f"set memory_budget= to bound memory instead.",
+            SmallChunkWarning,
+            stacklevel=3,
+        )
 
     choice: dict = {}
     if backend == "auto":

@@ -230,6 +230,30 @@ def compute_factors(data: KernelData, specs: list[LayerSpec], X: Tensor) -> Fact
     return Factors(A, G)
 
 
+def build_factors(data: KernelData, specs: list[LayerSpec], X: Tensor) -> Factors:
+    """Factors of all of ``X``, written chunk by chunk into preallocated tensors.
+
+    Peak memory is the factors plus one chunk's temporaries: the chunk is cut so that its
+    factor pass (about four times its factors: activations, the C batched output gradients and
+    their copies) stays within the memory budget, never concatenated from parts held at once.
+    """
+    n = X.shape[0]
+    one = compute_factors(data, specs, X[:1])
+    per_sample = max(1, one.nbytes())
+    rows = max(1, min(data.chunk_size, data.memory_budget // (4 * per_sample)))
+    if n <= rows:
+        return compute_factors(data, specs, X)
+    A = [a.new_empty((n, *a.shape[1:])) for a in one.A]
+    G = [g.new_empty((n, *g.shape[1:])) for g in one.G]
+    del one
+    for sl in chunks(n, rows):
+        part = compute_factors(data, specs, X[sl])
+        for dst, src in zip((*A, *G), (*part.A, *part.G)):
+            dst[sl].copy_(src)
+        del part
+    return Factors(A, G)
+
+
 class StructuredBackend(Backend):
     """NTK products from cached per-layer factors (weight-space GEMMs), autodiff for the rest."""
 
@@ -296,11 +320,7 @@ class StructuredBackend(Backend):
             return None
 
         def build():
-            parts = [compute_factors(data, specs, X[sl]) for sl in chunks(X.shape[0], data.chunk_size)]
-            fac = parts[0] if len(parts) == 1 else Factors(
-                [torch.cat([p.A[l] for p in parts]) for l in range(len(specs))],
-                [torch.cat([p.G[l] for p in parts]) for l in range(len(specs))],
-            )
+            fac = build_factors(data, specs, X)
             log.info("ntkscale: cached structured factors of %d samples: %.1f MiB", X.shape[0], fac.nbytes() / 2**20)
             return fac
 
@@ -419,14 +439,12 @@ class StructuredBackend(Backend):
         return data.cached("dense-layers", (), build)
 
     def _whole(self, data: KernelData, X: Tensor) -> Factors:
-        parts = list(self._side(data, X))
-        if len(parts) == 1:
-            return parts[0][1]
-        n_layers = len(parts[0][1].A)
-        return Factors(
-            [torch.cat([f.A[l] for _, f in parts]) for l in range(n_layers)],
-            [torch.cat([f.G[l] for _, f in parts]) for l in range(n_layers)],
-        )
+        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        fac = self._factors(data, X, name) if name else None
+        if fac is not None:
+            return fac
+        specs, _, _ = self._layout(data)
+        return build_factors(data, specs, X)
 
     @staticmethod
     def _kernel_factors(fac: Factors, idx, layers=None):
