@@ -88,3 +88,57 @@ def test_small_chunk_warns_with_the_knob():
         warnings.simplefilter("error")
         nks.NTKOperator(model, X, backend="autodiff", chunk_size=20)  # within 8x: no warning
         nks.NTKOperator(model, X, backend="autodiff")
+
+
+def test_data_check_is_chunked_and_finds_the_bad_sample(monkeypatch):
+    """NaN/inf in X is found by a check over slices of at most 16 MiB (no temporaries the size
+    of X), and the first bad sample is named."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 2))
+    X = torch.randn(6000, 1000)  # 24 MB
+    sizes = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: sizes.append(t.numel()) or real(t))
+    K = nks.NTKOperator(model, X, backend="autodiff")
+    K @ torch.randn(K.shape[1])
+    assert sizes and max(sizes) <= 16 * 2**20 // 4 < X.numel()
+    X[5999, 3] = float("inf")
+    X[4100, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"X contains NaN or inf \(in 2 of 6000 samples, first at index 4100\)"):
+        nks.NTKOperator(model, X)
+
+
+def test_debug_setting():
+    assert nks.settings.debug.on() is False
+    with nks.settings.debug(True):
+        assert nks.settings.debug.on() is True
+        model, X, _ = make("mlp-C1")
+        K = nks.NTKOperator(model, X)
+        v = torch.ones(6, dtype=torch.float64)
+        v[1] = float("nan")
+        with pytest.raises(ValueError, match="right-hand side contains NaN or inf"):
+            K @ v
+    assert nks.settings.debug.on() is False
+    with pytest.raises(ValueError, match="debug expects True or False"):
+        nks.settings.debug(1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["autodiff", "structured"])
+def test_gpu_product_checks_without_a_sync(backend):
+    """On a GPU, the per-product vector check reads nothing back (debug off): a product runs
+    under torch.cuda's sync debug mode "error"; with debug on, the check is made."""
+    model, X, _ = make("mlp-C3")
+    dev = torch.device("cuda")
+    K = nks.NTKOperator(model.to(dev), X.to(dev), backend=backend)
+    v = torch.randn(K.shape[1], dtype=torch.float64, device=dev)
+    K @ v  # warm-up: caches, factors
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        K @ v
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    v[0] = float("nan")
+    with nks.settings.debug(True), pytest.raises(ValueError, match="NaN or inf"):
+        K @ v

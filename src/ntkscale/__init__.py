@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from . import settings
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
 from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator, SmallChunkWarning
@@ -31,6 +32,7 @@ __all__ = [
     "NegativeVarianceWarning",
     "ggn_kernel",
     "ngd_step",
+    "settings",
     "NTKOperator",
     "NonDeterministicModelError",
     "SmallChunkWarning",

@@ -29,6 +29,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
+from ._checks import all_finite, check_vector_finite, nonfinite_samples
 from .backends import BACKENDS, Backend, KernelData, get_backend
 from .functional import (
     FunctionalModel,
@@ -338,8 +339,7 @@ class NTKOperator(LinearOperator):
             raise ValueError(
                 f"the right-hand side is on {v.device} but the operator is on {self.device}"
             )
-        if not torch.isfinite(v).all():
-            raise ValueError("the right-hand side contains NaN or inf")
+        check_vector_finite(v)
 
 
 # -- construction -------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def _build(
         p = [t.to(dtype) for t in p]
         fx = [t.to(dtype) if t.is_floating_point() else t for t in fx]
     for n, t in zip(names, p):
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ValueError(f"parameter {n!r} contains NaN or inf")
     param_dtype, param_device = p[0].dtype, p[0].device
     for n, t in zip(names, p):
@@ -442,8 +442,8 @@ def _check_data(X, name, param_dtype, param_device, dtype) -> Tensor:
     if X.is_floating_point():
         if dtype is not None:
             X = X.to(dtype)
-        if not torch.isfinite(X).all():
-            bad = (~torch.isfinite(X)).reshape(X.shape[0], -1).any(1).nonzero().flatten()
+        if not all_finite(X):  # in slices: no temporaries the size of X
+            bad = nonfinite_samples(X)
             raise ValueError(
                 f"{name} contains NaN or inf (in {bad.numel()} of {X.shape[0]} samples, first at "
                 f"index {bad[0].item()})"
