@@ -33,6 +33,7 @@ from ._checks import all_finite, check_vector_finite, nonfinite_samples
 from .backends import BACKENDS, Backend, KernelData, get_backend
 from .functional import (
     FunctionalModel,
+    chunks,
     activation_bytes_per_sample,
     default_chunk_size,
     evaluation_mode,
@@ -304,6 +305,11 @@ class NTKOperator(LinearOperator):
     def to_dense(self) -> Tensor:
         """The explicit matrix, shape (rows, cols). O(rows·cols) memory; computed on each call."""
         st = self._st
+        if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in self._args):
+            # differentiable with respect to the data and parameters: through the products'
+            # autograd (one column per unit vector; only where gradients are asked for)
+            eye = torch.eye(self.shape[-1], dtype=self.dtype, device=self.device)
+            return super().matmul(eye)
         data = self._data()
         G = st.backend.gram(data, data.X1, data.X2, rows=st.rows)  # (rows, N2*C)
         if st.cols is not None:
@@ -311,9 +317,65 @@ class NTKOperator(LinearOperator):
         return G
 
     def _bilinear_derivative(self, left_vecs, right_vecs):
-        # The data and parameter snapshots are constants of the kernel: no gradient reaches
-        # them (gradients with respect to the right-hand side flow as usual).
-        return (None,) * len(self._args)
+        """Gradients of ``Σ_k l_kᵀ Θ r_k`` with respect to the data and the parameters.
+
+        They flow only where the operator's tensors require grad (``K.requires_grad_(True)``);
+        the snapshots taken at construction do not. With ``a = J(X1)ᵀ L`` and ``b = J(X2)ᵀ R``
+        (one VJP pass each), the product rule gives ``∂(a·b) = ⟨L, ∂(J(X1) b)⟩ + ⟨R, ∂(J(X2) a)⟩``:
+        a gradient of a JVP, chunk by chunk over each data side (memory O(P·k + chunk)).
+        """
+        args = self._args
+        n = self._st.num_param_tensors
+        wants = [torch.is_tensor(t) and t.requires_grad and t.is_floating_point() for t in args]
+        if not any(wants[: 2 + n]):
+            return (None,) * len(args)
+        st, C = self._st, self.num_outputs
+        if left_vecs.ndim == 1:
+            left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
+        k = left_vecs.shape[-1]
+
+        def full(vecs, X, index):
+            if index is None:
+                return vecs.reshape(X.shape[0], C, k)
+            out = vecs.new_zeros(X.shape[0] * C, k)
+            out[index.to(vecs.device)] = vecs
+            return out.reshape(X.shape[0], C, k)
+
+        square = st.square  # then X1 holds both sides' data (X2 may be a copy of it)
+        X1 = self.X1.detach()
+        X2 = X1 if square else self.X2.detach()
+        Lv = full(left_vecs.detach(), X1, st.rows)
+        Rv = full(right_vecs.detach(), X2, st.cols)
+        params = tuple(p.detach() for p in self.params)
+        fixed = tuple(t.detach() for t in self.fixed)
+        data = replace(self._data(), params=params, fixed=fixed, X1=X1, X2=X2, cache={})
+        from .backends.autodiff import AutodiffBackend
+
+        ad = AutodiffBackend()
+        a, b = ad.vjp(data, X1, Lv), ad.vjp(data, X2, Rv)
+        fm = st.fm
+        g_params = [torch.zeros_like(p) for p in params]
+        g_X = {0: torch.zeros_like(X1) if wants[0] else None, 1: torch.zeros_like(X2) if wants[1] else None}
+
+        for side, (X, V, U) in enumerate(((X1, Lv, b), (X2, Rv, a))):
+            x_grad = X.is_floating_point() and wants[0 if square else side]
+            for sl in chunks(X.shape[0], st.chunk_size):
+
+                def h(p, x, V=V[sl]):
+                    t = torch.func.vmap(lambda u: torch.func.jvp(lambda q: fm(q, fixed, x), (p,), (u,))[1])(U)
+                    return (t * V.permute(2, 0, 1)).sum()  # t: (k, n, C)
+
+                gp, gx = torch.func.grad(h, argnums=(0, 1))(params, X[sl]) if x_grad else (
+                    torch.func.grad(h)(params, X[sl]), None)
+                for acc, g in zip(g_params, gp):
+                    acc.add_(g)
+                if gx is not None:
+                    g_X[0 if square else side][sl] += gx
+        out = [None] * len(args)
+        out[0], out[1] = g_X[0], (None if square else g_X[1])
+        for i, g in enumerate(g_params):
+            out[2 + i] = g if wants[2 + i] else None
+        return tuple(out)
 
     # -- checks ---------------------------------------------------------------------------------
     def _check_rhs(self, v: Tensor) -> None:
