@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-from . import distributed, kernels, models
+from . import distributed, kernels, models, settings
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
 from .jacobian import JacobianDifference, JacobianDifferenceOperator, jacobian_difference_norm
 from .ngd import FunctionSpaceNGD, ngd_step
-from .operator import NonDeterministicModelError, NTKOperator
+from .operator import NonDeterministicModelError, NTKOperator, SmallChunkWarning
 from .solvers import (
     ConvergenceWarning,
     SingularKernelError,
@@ -36,9 +36,11 @@ __all__ = [
     "NegativeVarianceWarning",
     "ggn_kernel",
     "ngd_step",
+    "settings",
     "NTKOperator",
     "NonDeterministicModelError",
     "SingularKernelError",
+    "SmallChunkWarning",
     "SolveInfo",
     "distributed",
     "__version__",

@@ -45,10 +45,10 @@ RATE = {
 def _layer_shapes(fm: FunctionalModel, params, fixed, X1: Tensor):
     """[(L, d, o, has_weight, has_bias)] of the structured layers, and the unstructured P."""
     from .base import KernelData
-    from .structured import compute_factors, layer_specs
+    from .structured import compute_factors, factorable_layers
 
-    specs, rest = layer_specs(fm)
-    data = KernelData(fm, tuple(params), tuple(fixed), X1[:1], X1[:1], True, 1, 2**30)
+    data = KernelData(fm, tuple(params), tuple(fixed), X1[:2], X1[:2], True, 1, 2**30)
+    specs, rest = factorable_layers(data)
     shapes = []
     if specs:
         fac = compute_factors(data, specs, X1[:1])
