@@ -94,8 +94,11 @@ class NTKOperator(LinearOperator):
             random (dropout in train mode) or depends on the rest of its batch (BatchNorm in train
             mode) has no NTK that is a kernel: call ``model.eval()`` first.
         memory_budget: bytes the operator may spend on temporaries (default 256 MiB).
-        factor_budget: bytes of per-layer factors the structured backends may cache (default
-            4 GiB); beyond it they are recomputed chunk by chunk on every product.
+        factor_budget: bytes of state kept between products (default 4 GiB): the structured
+            backends' per-layer factors, and the autodiff backend's linearization (the forward
+            and backward graphs of every chunk, about three copies of the activations, which
+            make a product backward passes only). Beyond it they are recomputed chunk by chunk
+            on every product.
 
     The operator holds snapshots of the model's parameters and buffers, taken at construction:
     training the model afterwards does not change the kernel, and ``K.to(...)``/``K.double()``
@@ -163,12 +166,12 @@ class NTKOperator(LinearOperator):
         return self.X1.device
 
     def factor_bytes(self) -> int | None:
-        """Bytes of the per-layer factors the structured backends cache for this operator (both
-        data sides), estimated from one sample; ``None`` for backends without factors."""
-        from .backends.structured import StructuredBackend
-
+        """Bytes of the state a backend keeps between products for this operator (both data
+        sides), estimated from one sample: the structured backends' per-layer factors, the
+        autodiff backend's linearization. ``None`` for backends that keep none. Kept only while
+        within ``factor_budget``."""
         backend = self._st.backend
-        if not isinstance(backend, StructuredBackend):
+        if not hasattr(backend, "factor_bytes"):
             return None
         data = self._data()
         total = backend.factor_bytes(data, data.X1)

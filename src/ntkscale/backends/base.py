@@ -15,9 +15,40 @@ from torch import Tensor
 
 from ..functional import FunctionalModel, chunks
 
-__all__ = ["KernelData", "Backend", "ParamVec"]
+__all__ = ["KernelData", "Backend", "ParamVec", "DEFAULT_FACTOR_BUDGET", "GradientSum"]
+
+DEFAULT_FACTOR_BUDGET = 4 * 2**30  # bytes of state kept between products before recomputing
 
 ParamVec = tuple[Tensor, ...]  # one (k, *p.shape) tensor per differentiated parameter
+
+
+class GradientSum:
+    """The sum of per-chunk parameter gradients, without writing into autograd's outputs.
+
+    Gradients returned by one backward pass may share memory with one another (a broadcast over
+    a batch of one sample hands the same buffer to two parameters, and a ``cat``'s backward hands
+    out views of it), so the first chunk's tensors are never added to in place: the sum is formed
+    out of place at the second chunk and in place after that.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[Tensor] | None = None
+        self._owned = False
+
+    def add(self, grads) -> None:
+        if self._parts is None:
+            self._parts = list(grads)
+        elif not self._owned:
+            self._parts = [a + g for a, g in zip(self._parts, grads)]
+            self._owned = True
+        else:
+            for a, g in zip(self._parts, grads):
+                a.add_(g)
+
+    def result(self) -> list[Tensor]:
+        if self._parts is None:
+            raise ValueError("no gradients were added (an empty data side)")
+        return self._parts
 
 
 @dataclass(eq=False)
@@ -33,7 +64,8 @@ class KernelData:
         chunk_size: samples per forward/backward pass.
         memory_budget: bytes a backend may spend on temporary buffers (Jacobian chunks, factors).
         cache: a dict shared by every rebuilt copy of one operator (see :meth:`cached`).
-        factor_budget: bytes of cached per-layer factors (structured backends); None: default.
+        factor_budget: bytes of state kept between products (the structured backends' per-layer
+            factors, the autodiff backend's linearization); None: ``DEFAULT_FACTOR_BUDGET``.
     """
 
     fm: FunctionalModel

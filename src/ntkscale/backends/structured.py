@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..functional import FunctionalModel, chunks
 from .autodiff import AutodiffBackend
-from .base import Backend, KernelData, ParamVec
+from .base import DEFAULT_FACTOR_BUDGET, Backend, KernelData, ParamVec
 
 __all__ = [
     "StructuredBackend", "KeOpsBackend", "CudaBackend", "Factors", "layer_specs", "factorable_layers",
@@ -44,7 +44,6 @@ __all__ = [
 
 log = logging.getLogger("ntkscale")
 
-DEFAULT_FACTOR_BUDGET = 4 * 2**30  # bytes of cached factors before falling back to recomputation
 
 
 @dataclass(frozen=True)
@@ -304,7 +303,10 @@ class StructuredBackend(Backend):
             return specs, idx, rest
 
         specs, idx, rest = data.cached("layout", (), build)
-        return specs, idx, self._rest_data(data, rest) if rest else None
+        if not rest:
+            return specs, idx, None
+        # one rest-data per operator, so that its cache (the autodiff linearization) persists
+        return specs, idx, data.cached("rest-data", (), lambda: self._rest_data(data, rest))
 
     @staticmethod
     def _rest_data(data: KernelData, rest: list[str]) -> KernelData:
