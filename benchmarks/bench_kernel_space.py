@@ -3,7 +3,7 @@
 For an MLP-like factor set -- ``--layers`` Linear layers with ``d = o = width``, ``C`` outputs,
 ``k`` right-hand sides -- time ``K(X, X) V`` with ``N1 = N2 = N`` by
 
-* ``torch``  -- :func:`ntkscale.backends.kernel_space.kernel_space_matmul_reference`,
+* ``torch``  -- :func:`ntkscale.reductions.core.kernel_space_matmul_reference`,
 * ``keops``  -- the pykeops reduction (skipped when pykeops is missing),
 * ``cpp``    -- the compiled C++ twin (CPU runs only),
 * ``cuda``   -- the fused CUDA kernel (GPU runs only),
@@ -39,7 +39,7 @@ import torch
 
 from _common import environment, is_oom, sync, write_json
 
-from ntkscale.backends.kernel_space import kernel_space_matmul
+from ntkscale.reductions import kernel_space_matmul
 
 ALL_IMPLS = ("torch", "keops", "cpp", "cuda", "weight")
 FULL_N = (256, 1024, 4096)

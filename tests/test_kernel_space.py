@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths, is_ninja_available
 
-from ntkscale.backends import kernel_space as ks
+from ntkscale.reductions import core as ks
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
@@ -312,12 +312,42 @@ def test_bad_impl_and_impl_specific_checks():
 def test_import_compiles_nothing_and_loads_no_pykeops():
     code = (
         "import sys\n"
-        "import ntkscale.backends.kernel_space, ntkscale.backends.keops\n"
-        "import ntkscale.backends._ext as e\n"
+        "import ntkscale.reductions, ntkscale.reductions.keops\n"
+        "import ntkscale.reductions.compiled as e\n"
         "assert 'pykeops' not in sys.modules, 'pykeops imported at import time'\n"
         "assert e._module is None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_old_module_paths_are_the_moved_modules():
+    """ntkscale.backends.kernel_space/.keops/._ext moved to ntkscale.reductions; the old names are
+    the same module objects (so their state, e.g. the loaded extension, is shared)."""
+    import ntkscale.backends._ext as old_ext
+    import ntkscale.backends.keops as old_keops
+    import ntkscale.backends.kernel_space as old_core
+    from ntkscale.reductions import compiled, core, keops
+
+    assert old_core is core and old_keops is keops and old_ext is compiled
+    assert old_core.kernel_space_matmul is core.kernel_space_matmul
+
+
+@compile_mark
+@needs_build
+def test_fast_impls_share_one_function_and_check_inputs_in_one_place():
+    """The compiled reduction's gradient with respect to V is the swapped reduction (through the
+    shared Function), and its input errors are the dispatcher's."""
+    from ntkscale.reductions import compiled
+
+    A1, G1, A2, G2 = make_factors(2, seed=21)
+    V = torch.randn(N2, 2, 2, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(N1, 2, 2, dtype=torch.float64)
+    (compiled.ntk_reduce(A1, G1, A2, G2, V) * R).sum().backward()
+    want = ks.kernel_space_matmul_reference(A2, G2, A1, G1, R)
+    torch.testing.assert_close(V.grad, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match="supports float32 and float64"):
+        compiled.ntk_reduce([a.half() for a in A1], [g.half() for g in G1], [a.half() for a in A2],
+                            [g.half() for g in G2], V.detach().half())
 
 
 def test_keops_missing_gives_install_hint(monkeypatch):
@@ -334,7 +364,7 @@ def test_keops_missing_gives_install_hint(monkeypatch):
 def test_keops_build_folder_from_env(monkeypatch, tmp_path):
     import pykeops
 
-    from ntkscale.backends import keops as kk
+    from ntkscale.reductions import keops as kk
 
     calls = []
     monkeypatch.setattr(pykeops, "set_build_folder", lambda path=None: calls.append(path))
@@ -346,7 +376,7 @@ def test_keops_build_folder_from_env(monkeypatch, tmp_path):
 
 
 def test_ext_cache_folder_and_clear(monkeypatch, tmp_path):
-    from ntkscale.backends import _ext
+    from ntkscale.reductions import compiled as _ext
 
     monkeypatch.delenv("NTKSCALE_EXT_DIR", raising=False)
     default = _ext.extension_dir()
@@ -369,7 +399,7 @@ def test_ext_cache_folder_and_clear(monkeypatch, tmp_path):
 @needs_build
 def test_cpp_extension_blocks_over_j_and_checks_inputs():
     """The compiled op directly: j-blocking (block_j=4 < N2) and its own defensive checks."""
-    from ntkscale.backends import _ext
+    from ntkscale.reductions import compiled as _ext
 
     ext = _ext.load_extension()
     assert ext.with_cuda() == HAS_CUDA

@@ -448,7 +448,7 @@ class StructuredBackend(Backend):
         dense_layers = self._dense_layers(data)
         if len(dense_layers) != len(specs):  # convolutions: weight-space, through the base path
             return Backend.gram(self, data, X1, X2, rows)
-        from .kernel_space import gram_block
+        from ..reductions.core import gram_block
 
         f1 = self._whole(data, X1)
         f2 = f1 if (X2 is X1) else self._whole(data, X2)
@@ -494,7 +494,7 @@ class StructuredBackend(Backend):
         return A_out, G_out
 
     def _kernel_space_matmul(self, data: KernelData, V: Tensor) -> Tensor:
-        from .kernel_space import kernel_space_matmul
+        from ..reductions.core import kernel_space_matmul
 
         specs, idx, rest = self._layout(data)
         dense = self._dense_layers(data)
@@ -578,7 +578,7 @@ class KeOpsBackend(StructuredBackend):
     def __init__(self):
         import importlib.util
 
-        from .keops import _MISSING
+        from ..reductions.keops import _MISSING
 
         if importlib.util.find_spec("pykeops") is None:  # say so when the backend is chosen
             raise ImportError(_MISSING)
