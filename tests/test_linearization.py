@@ -20,7 +20,7 @@ CASES = ["mlp-C3", "mlp-scalar", "cnn-C2", "resnet-C2", "shared-C2", "seqlinear-
 def _pair(model, X, X2=None, chunk_size=4):
     """(linearized, recomputed) autodiff operators on the same model and data."""
     lin = nks.NTKOperator(model, X, X2, backend="autodiff", chunk_size=chunk_size)
-    rec = nks.NTKOperator(model, X, X2, backend="autodiff", chunk_size=chunk_size, factor_budget=1)
+    rec = nks.NTKOperator(model, X, X2, backend="autodiff", chunk_size=chunk_size, memory_budget=1)
     return lin, rec
 
 
@@ -38,7 +38,7 @@ def test_linearized_products_match_recomputed_and_reference(case, caplog):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
             torch.testing.assert_close(a, ref @ V, rtol=1e-10, atol=1e-10)
     assert any("linearized the network over 9 samples" in r.message for r in caplog.records)
-    assert any("over factor_budget" in r.message for r in caplog.records)
+    assert any("over memory_budget" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -66,8 +66,9 @@ def test_factor_bytes_reports_the_linearization():
     K = nks.NTKOperator(model, X, backend="autodiff")
     per_sample = K.factor_bytes() / 20
     assert per_sample > 0
-    # three copies of the activations per sample: more than one copy of the leaf outputs
-    assert K.factor_bytes() > 20 * (5 + 12 + 12 + 10 + 10 + 3) * 8
+    # two copies of the input and the layer outputs per sample, and one of the parameters
+    P = sum(p.numel() for p in model.parameters())
+    assert K.factor_bytes() == 2 * 20 * (5 + 12 + 12 + 10 + 10 + 3) * 8 + P * 8
 
 
 class _OnceDifferentiableTanh(torch.autograd.Function):

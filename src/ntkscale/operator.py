@@ -93,12 +93,13 @@ class NTKOperator(LinearOperator):
             :class:`NonDeterministicModelError` saying what to do instead. A model whose output is
             random (dropout in train mode) or depends on the rest of its batch (BatchNorm in train
             mode) has no NTK that is a kernel: call ``model.eval()`` first.
-        memory_budget: bytes the operator may spend on temporaries (default 256 MiB).
-        factor_budget: bytes of state kept between products (default 4 GiB): the structured
-            backends' per-layer factors, and the autodiff backend's linearization (the forward
-            and backward graphs of every chunk, about three copies of the activations, which
-            make a product backward passes only). Beyond it they are recomputed chunk by chunk
-            on every product.
+        memory_budget: bytes the operator may spend on temporaries (default 256 MiB). The
+            autodiff backend also keeps its linearization within it: the forward and backward
+            graphs of every chunk (up to about two copies of the activations of every sample),
+            recorded by the first product, which make every later product backward passes only
+            (about 0.6x the time); beyond it each product re-runs the forward passes.
+        factor_budget: bytes of per-layer factors the structured backends may cache (default
+            4 GiB); beyond it they are recomputed chunk by chunk on every product.
 
     The operator holds snapshots of the model's parameters and buffers, taken at construction:
     training the model afterwards does not change the kernel, and ``K.to(...)``/``K.double()``
@@ -167,9 +168,9 @@ class NTKOperator(LinearOperator):
 
     def factor_bytes(self) -> int | None:
         """Bytes of the state a backend keeps between products for this operator (both data
-        sides), estimated from one sample: the structured backends' per-layer factors, the
-        autodiff backend's linearization. ``None`` for backends that keep none. Kept only while
-        within ``factor_budget``."""
+        sides), estimated from one sample: the structured backends' per-layer factors (kept
+        within ``factor_budget``), the autodiff backend's linearization (kept within
+        ``memory_budget``). ``None`` for backends that keep none."""
         backend = self._st.backend
         if not hasattr(backend, "factor_bytes"):
             return None

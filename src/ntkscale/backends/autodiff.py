@@ -3,10 +3,10 @@
 One VJP pass over the data, chunk by chunk, accumulates the parameter-space vector ``u = Jᵀ v``;
 one JVP pass applies ``J``. Two ways to run them, with identical results:
 
-* **linearized** (when it fits ``factor_budget``): the first product over one of the operator's
+* **linearized** (when it fits ``memory_budget``): the first product over one of the operator's
   data sides records each chunk's forward and backward graphs once (:mod:`.linearization`);
   every product after that is backward passes only, about 1.2 training steps for an MLP instead
-  of 2. Memory: about three copies of the activations of every sample, kept with the operator.
+  of 2. Memory: up to about two copies of the activations of every sample, kept with the operator.
 * **recomputed** (otherwise, for other inputs, and for operations without second derivatives):
   ``torch.func`` VJPs and JVPs that evaluate each chunk afresh; memory O(P·k + chunk·activations).
   Several right-hand sides share each chunk's forward: the pullback is ``vmap``-ed over the
@@ -24,15 +24,15 @@ from torch.func import vmap
 import logging
 
 from ..functional import chunks
-from .base import DEFAULT_FACTOR_BUDGET, Backend, GradientSum, KernelData, ParamVec
+from .base import Backend, GradientSum, KernelData, ParamVec
 from .linearization import Linearization, NotTwiceDifferentiable, linearization_bytes
 
 __all__ = ["AutodiffBackend"]
 
 log = logging.getLogger("ntkscale")
 
-# right-hand sides per backward pass of a linearized chunk: the default chunk leaves room for
-# eight activation copies (see functional.default_chunk_size)
+# right-hand sides per (vmap-ed) backward pass of a linearized chunk in Jᵀ V: the default chunk
+# leaves room for eight activation copies (see functional.default_chunk_size)
 _COLUMNS_PER_PASS = 8
 
 
@@ -74,7 +74,7 @@ class AutodiffBackend(Backend):
         if V is None:
             return None
         value: Linearization | bool = False
-        need, budget = linearization_bytes(data, X), data.factor_budget or DEFAULT_FACTOR_BUDGET
+        need, budget = linearization_bytes(data, X), data.memory_budget
         if need <= budget:
             try:
                 value = Linearization(data, X, V[..., 0])
@@ -84,7 +84,7 @@ class AutodiffBackend(Backend):
                 log.info("ntkscale: products recompute the forward passes (%s)", err)
         else:
             log.info("ntkscale: products recompute the forward passes: a linearization needs "
-                     "%.1f MiB, over factor_budget (%.1f MiB)", need / 2**20, budget / 2**20)
+                     "%.1f MiB, over memory_budget (%.1f MiB)", need / 2**20, budget / 2**20)
         data.cache[slot] = (key, value)
         return value or None
 
@@ -107,9 +107,9 @@ class AutodiffBackend(Backend):
         lin = self._linearization(data, X, None)
         if lin is not None and not any(u.requires_grad for u in U):
             if lin.verified:
-                return lin.jvp(U, _COLUMNS_PER_PASS)
+                return lin.jvp(U)
             try:  # the first JVP differentiates the recorded backward: it may not be differentiable
-                out = lin.jvp(U, _COLUMNS_PER_PASS)
+                out = lin.jvp(U)
                 problem = self._disagreement(data, X, lin, U, out)
             except RuntimeError as err:
                 problem = str(err)

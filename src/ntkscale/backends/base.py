@@ -17,7 +17,7 @@ from ..functional import FunctionalModel, chunks
 
 __all__ = ["KernelData", "Backend", "ParamVec", "DEFAULT_FACTOR_BUDGET", "GradientSum"]
 
-DEFAULT_FACTOR_BUDGET = 4 * 2**30  # bytes of state kept between products before recomputing
+DEFAULT_FACTOR_BUDGET = 4 * 2**30  # bytes of cached factors before falling back to recomputation
 
 ParamVec = tuple[Tensor, ...]  # one (k, *p.shape) tensor per differentiated parameter
 
@@ -62,10 +62,10 @@ class KernelData:
         X1, X2: the two data sides; ``X2 is X1`` semantics when ``square``.
         square: whether the kernel is the symmetric ``Θ(X1, X1)``.
         chunk_size: samples per forward/backward pass.
-        memory_budget: bytes a backend may spend on temporary buffers (Jacobian chunks, factors).
+        memory_budget: bytes a backend may spend on temporary buffers (Jacobian chunks, factors)
+            and on the autodiff backend's linearization.
         cache: a dict shared by every rebuilt copy of one operator (see :meth:`cached`).
-        factor_budget: bytes of state kept between products (the structured backends' per-layer
-            factors, the autodiff backend's linearization); None: ``DEFAULT_FACTOR_BUDGET``.
+        factor_budget: bytes of cached per-layer factors (structured backends); None: default.
     """
 
     fm: FunctionalModel
