@@ -14,7 +14,9 @@ import argparse
 
 import torch
 
-from _common import environment, mlp, peak_during, run_isolated, write_json
+from tqdm.auto import tqdm
+
+from _common import environment, mlp, peak_during, print_table, run_isolated, write_json
 
 
 def measure(n: int, widths: list[int], backend: str) -> dict:
@@ -40,15 +42,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--backend", default="autodiff")
     ap.add_argument("--out", default="results/bench/memory.json")
     args = ap.parse_args(argv)
-    runs = [run_isolated(measure, n, args.widths, args.backend) for n in args.sizes]
+    runs = [run_isolated(measure, n, args.widths, args.backend)
+            for n in tqdm(args.sizes, desc="bench memory", unit="size")]
     doc = {"benchmark": "memory", "config": vars(args), "environment": environment(), "runs": runs}
     ok = [r for r in runs if "peak_beyond_vectors_bytes" in r]
     if len(ok) == len(runs) >= 2:
         doc["ratio_largest_over_smallest"] = ok[-1]["peak_beyond_vectors_bytes"] / ok[0]["peak_beyond_vectors_bytes"]
     write_json(args.out, doc)
-    for r in runs:
-        print({k: r.get(k) for k in ("N", "chunk_size", "peak_beyond_vectors_bytes", "seconds", "status")})
-    print("ratio:", doc.get("ratio_largest_over_smallest"))
+    print_table([{"N": r.get("N"), "chunk": r.get("chunk_size"),
+                  "peak beyond vectors MiB": (f"{r['peak_beyond_vectors_bytes'] / 2**20:.1f}"
+                                              if "peak_beyond_vectors_bytes" in r else r.get("status")),
+                  "seconds": r.get("seconds")} for r in runs])
+    ratio = doc.get("ratio_largest_over_smallest")
+    print(f"peak ratio N={args.sizes[-1]} / N={args.sizes[0]}: " + (f"{ratio:.2f}" if ratio else "-"))
     return doc
 
 
