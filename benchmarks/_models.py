@@ -55,7 +55,8 @@ def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 def small_cnn(num_classes: int = 10, width: int = 32, batchnorm: bool = False) -> nn.Module:
     """Three 3×3 convolutions (stride 1, 2, 2) and a linear head, for 3×32×32 inputs."""
     def block(cin, cout, stride):
-        return [nn.Conv2d(cin, cout, 3, stride, 1)] + ([nn.BatchNorm2d(cout)] if batchnorm else []) + [nn.ReLU()]
+        norm = [nn.BatchNorm2d(cout)] if batchnorm else []
+        return [nn.Conv2d(cin, cout, 3, stride, 1), *norm, nn.ReLU()]
 
     model = nn.Sequential(
         *block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 2),

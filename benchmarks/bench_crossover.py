@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -39,9 +41,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-seconds", type=float, default=10.0,
                     help="an implementation slower than this per matvec is skipped at larger sizes")
     ap.add_argument("--quick", action="store_true", help="N in {256, 1024}, widths {256, 2048}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--rescore", metavar="JSON", default=None,
+                    help="no timing: ask the current cost model about the configurations of a "
+                         "recorded run and score its picks against that run's times")
     ap.add_argument("--out", default="results/bench/crossover.json")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.n, args.widths = [256, 1024], [256, 2048]
     dev = torch.device(args.device)
@@ -116,6 +126,33 @@ def main(argv=None) -> dict:
         print(f"auto picked the fastest in {acc:.2f} of {len(rows)} configurations; "
               f"within 10% of it in {within:.2f}")
     return doc
+
+
+def rescore(path: str) -> dict:
+    """Re-ask ``auto`` (the cost model as it is now) about a recorded run, with the recorded
+    thread count, and score its picks against the recorded per-product times."""
+    doc = json.loads(Path(path).read_text())
+    cfg = doc["config"]
+    torch.set_num_threads(doc["environment"]["threads"])
+    rows = []
+    for r in tqdm(doc["runs"], desc="rescore", unit="config"):
+        if "times" not in r:
+            continue
+        torch.manual_seed(0)
+        model = mlp([cfg["d_in"], r["width"], r["width"], cfg["outputs"]])
+        pick = nks.NTKOperator(model, torch.randn(r["N"], cfg["d_in"]), backend="auto").backend
+        t = r["times"]
+        fastest = min(t, key=t.get)
+        rows.append({"N": r["N"], "width": r["width"], "recorded auto": r.get("auto"), "auto now": pick,
+                     "fastest": fastest, "exact": pick == fastest,
+                     "within_10pct": pick in t and t[pick] <= 1.1 * t[fastest]})
+    print_table(rows)
+    n = len(rows)
+    out = {"configurations": n, "auto_accuracy": sum(r["exact"] for r in rows) / n,
+           "auto_within_10pct": sum(r["within_10pct"] for r in rows) / n}
+    print(f"{path}: auto now picks the fastest in {out['auto_accuracy']:.2f} of {n} configurations, "
+          f"within 10% in {out['auto_within_10pct']:.2f}")
+    return out
 
 
 if __name__ == "__main__":

@@ -25,10 +25,16 @@ seconds of each runnable backend:
   memory bandwidth, plus a per-call overhead for small problems.
 
 and picks the least ``setup_s + EXPECTED_PRODUCTS · product_s`` (a CG solve's worth of products
-by default; pass ``products=`` to :func:`choose` for another workload). The rates were calibrated
+by default; pass ``products=`` to :func:`choose` for another workload). Parameters the structured
+backend cannot factor (BatchNorm, LayerNorm, embeddings) cost it an autodiff pass from the first
+module that holds one to the output: a BatchNorm after a ResNet's first convolution makes the
+structured product no cheaper than autodiff's.
+
+The rates (``RATES``, one CPU thread's, scaled by ``torch.get_num_threads()``) were calibrated
 with ``benchmarks/bench_auto.py`` (MLPs, CNNs with and without BatchNorm, a ResNet-18-shaped CNN,
-transformers) and ``benchmarks/bench_crossover.py`` on a 2-core x86-64 CPU; the GPU rates are
-nominal until measured.
+transformers) and ``benchmarks/bench_crossover.py`` on a shared 2-core x86-64 CPU; only their
+ratios matter for the pick, except against the fixed compile times. The GPU rates are nominal
+until measured.
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import logging
 import math
 import os
 import shutil
@@ -57,8 +62,6 @@ __all__ = [
     "profile_model",
     "EXPECTED_PRODUCTS",
 ]
-
-log = logging.getLogger("ntkscale")
 
 EXPECTED_PRODUCTS = 20  # products a one-off setup is weighed against (a preconditioned CG solve)
 DENSE_MAX_ROWS = 4096
@@ -327,7 +330,8 @@ def profile_model(fm: FunctionalModel, params, fixed, x1: Tensor) -> ModelProfil
     else:
         structured_error = "no nn.Linear or nn.Conv2d layer among the differentiated parameters"
     if rest and autodiff_error and not structured_error:
-        structured_error = f"its {len(rest)} unstructured parameters need autodiff, which fails: {autodiff_error}"
+        structured_error = (f"its {len(rest)} unstructured parameters need autodiff, which fails: "
+                            f"{autodiff_error}")
     return ModelProfile(
         forward_macs=float(F) or float(sum(p.numel() for p in params)),
         conv_macs=float(F_conv),
@@ -366,6 +370,7 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
     """Per-backend ``setup_s`` and ``product_s`` (seconds), memory (bytes), and why the others
     cannot run (``cannot_run``). ``cost`` is the setup spread over ``EXPECTED_PRODUCTS`` plus one
     product, per backend."""
+    from . import _ext
     from .structured import DEFAULT_FACTOR_BUDGET
 
     factor_budget = factor_budget or DEFAULT_FACTOR_BUDGET
@@ -431,16 +436,16 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
             for b in ("cuda", "keops"):
                 cannot[b] = f"factors of {fb / 2**30:.2f} GiB exceed the factor budget"
         else:
-            ws_other = (sum((N1 + N2) * L * d * o for L, d, o in others) / (r.gemm_macs * r.rel["structured"])
-                        + 4 * sum(L * (d + C * o) for L, d, o in others) * el * (N1 + N2) / r.bandwidth)
+            ws_other = (
+                sum((N1 + N2) * L * d * o for L, d, o in others) / (r.gemm_macs * r.rel["structured"])
+                + 4 * sum(L * (d + C * o) for L, d, o in others) * el * (N1 + N2) / r.bandwidth
+            )
             for b in ("cuda", "keops"):
                 if b == "cuda":
                     st = extension_status(dev)
                     if not st.usable:
                         cannot[b] = st.reason
                         continue
-                    from . import _ext
-
                     compile_s = (0.0 if _ext._module is not None
                                  else EXT_LOAD_S if st.built else COMPILE_S[dev])
                     tiles = (lambda o: -(-o // 64)) if dev == "cuda" else (lambda o: 1)
@@ -454,9 +459,10 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
                 # per pair of samples: the A inner product (d) and the o-long sum of W over j;
                 # the contraction with G1 comes after the sum over j
                 ks_macs = sum(N1 * N2 * (d * tiles(o) + o) for d, o in dense)
-                contract = sum((N1 + N2) * C * o for _, o in dense) / r.gemm_macs
-                if C > 1:  # the output gradients (n, C, o) are re-laid out (a strided copy) per product
-                    contract += STRIDED_COPY * sum((N1 + N2) * C * o for _, o in dense) * el / r.bandwidth
+                g_elems = sum((N1 + N2) * C * o for _, o in dense)
+                contract = g_elems / r.gemm_macs
+                if C > 1:  # the output gradients (n, C, o) are re-laid out (strided) per product
+                    contract += STRIDED_COPY * g_elems * el / r.bandwidth
                 setup[b] = factor_pass + compile_s
                 product[b] = (ks_macs / (r.gemm_macs * r.rel[b]) + contract + ws_other + rest
                               + len(dense) * r.call_s[b])
