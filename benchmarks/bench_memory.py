@@ -1,11 +1,16 @@
-"""Benchmark: peak memory of one autodiff matvec at N = 5,000 and N = 50,000.
+"""Benchmark: peak memory of building the operator and of one matvec, at N = 5,000 and 50,000.
 
-Each size runs in a fresh process; the peak resident-set growth during ``K @ v`` is measured
-over the resident set just before it (data, model, operator and vector already allocated), and
-the N·C-sized output vector is subtracted. Chunking bounds the rest: the ratio of the two peaks
-should stay near 1.
+Each size runs in a fresh process. Two peaks are measured as resident-set growth over the
+resident set just before each step: building ``NTKOperator(model, X)`` (X already allocated:
+what the build needs beyond the data — its checks and probes), and one ``K @ v`` (data, model,
+operator and vector allocated; the N·C-sized output is subtracted). Chunking bounds both, so the
+ratio of the largest to the smallest size should stay near 1.
 
-    python benchmarks/bench_memory.py --out results/bench/memory.json
+With ``--factors`` the structured backend's factor cache is measured instead: the peak growth
+of the first product (which builds the factors) over ``K.factor_bytes()``.
+
+    python benchmarks/bench_memory.py --out benchmarks/results/cpu/memory.json
+    python benchmarks/bench_memory.py --factors --sizes 20000 --out benchmarks/results/cpu/memory_factors.json
 """
 
 from __future__ import annotations
@@ -26,35 +31,78 @@ def measure(n: int, widths: list[int], backend: str) -> dict:
     model = mlp(widths)
     X = torch.randn(n, widths[0])
     C = widths[-1]
-    K = nks.NTKOperator(model, X, backend=backend)
+    held = []
+    build = peak_during(lambda: held.append(nks.NTKOperator(model, X, backend=backend)))
+    K = held[0]
     v = torch.randn(n * C)
     rec = peak_during(lambda: K @ v)
     vec_bytes = n * C * 4
-    rec.update(N=n, chunk_size=K.chunk_size, vector_bytes=vec_bytes,
-               peak_beyond_vectors_bytes=rec["peak_growth_bytes"] - vec_bytes)
+    rec.update(N=n, chunk_size=K.chunk_size, backend=K.backend, vector_bytes=vec_bytes,
+               data_bytes=X.numel() * X.element_size(),
+               peak_beyond_vectors_bytes=rec["peak_growth_bytes"] - vec_bytes,
+               build_peak_growth_bytes=build["peak_growth_bytes"], build_seconds=build["seconds"])
     return rec
+
+
+def measure_factors(n: int, widths: list[int], backend: str) -> dict:
+    import ntkscale as nks
+
+    torch.manual_seed(0)
+    model = mlp(widths)
+    X = torch.randn(n, widths[0])
+    K = nks.NTKOperator(model, X, backend=backend)
+    factor_bytes = K.factor_bytes()
+    v = torch.randn(n * widths[-1])
+    rec = peak_during(lambda: K @ v)
+    rec.update(N=n, chunk_size=K.chunk_size, backend=K.backend, factor_bytes=factor_bytes,
+               peak_over_factor_bytes=rec["peak_growth_bytes"] / factor_bytes)
+    return rec
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
     ap.add_argument("--widths", type=int, nargs="+", default=[784, 1024, 1024, 10])
-    ap.add_argument("--backend", default="autodiff")
+    ap.add_argument("--backend", default=None, help="default: autodiff (structured with --factors)")
+    ap.add_argument("--factors", action="store_true", help="measure the structured factor cache")
     ap.add_argument("--out", default="results/bench/memory.json")
     args = ap.parse_args(argv)
+    if args.factors:
+        args.backend = args.backend or "structured"
+        runs = [run_isolated(measure_factors, n, args.widths, args.backend)
+                for n in tqdm(args.sizes, desc="bench memory", unit="size")]
+        doc = {"benchmark": "memory-factors", "config": vars(args), "environment": environment(),
+               "runs": runs}
+        write_json(args.out, doc)
+        print_table([{"N": r.get("N"), "factor MiB": _mib(r.get("factor_bytes")),
+                      "peak growth MiB": _mib(r.get("peak_growth_bytes")),
+                      "peak / factors": r.get("peak_over_factor_bytes"), "status": r.get("status", "ok")}
+                     for r in runs])
+        return doc
+    args.backend = args.backend or "autodiff"
     runs = [run_isolated(measure, n, args.widths, args.backend)
             for n in tqdm(args.sizes, desc="bench memory", unit="size")]
     doc = {"benchmark": "memory", "config": vars(args), "environment": environment(), "runs": runs}
     ok = [r for r in runs if "peak_beyond_vectors_bytes" in r]
     if len(ok) == len(runs) >= 2:
         doc["ratio_largest_over_smallest"] = ok[-1]["peak_beyond_vectors_bytes"] / ok[0]["peak_beyond_vectors_bytes"]
+        doc["build_ratio_largest_over_smallest"] = ok[-1]["build_peak_growth_bytes"] / max(1, ok[0]["build_peak_growth_bytes"])
+        both = [r["build_peak_growth_bytes"] + r["peak_beyond_vectors_bytes"] for r in (ok[0], ok[-1])]
+        doc["build_plus_matvec_ratio_largest_over_smallest"] = both[1] / both[0]
     write_json(args.out, doc)
-    print_table([{"N": r.get("N"), "chunk": r.get("chunk_size"),
-                  "peak beyond vectors MiB": (f"{r['peak_beyond_vectors_bytes'] / 2**20:.1f}"
-                                              if "peak_beyond_vectors_bytes" in r else r.get("status")),
-                  "seconds": r.get("seconds")} for r in runs])
-    ratio = doc.get("ratio_largest_over_smallest")
-    print(f"peak ratio N={args.sizes[-1]} / N={args.sizes[0]}: " + (f"{ratio:.2f}" if ratio else "-"))
+    print_table([{"N": r.get("N"), "chunk": r.get("chunk_size"), "data MiB": _mib(r.get("data_bytes")),
+                  "build peak MiB": _mib(r.get("build_peak_growth_bytes")),
+                  "matvec peak beyond vectors MiB": _mib(r.get("peak_beyond_vectors_bytes")),
+                  "seconds": r.get("seconds"), "status": r.get("status", "ok")} for r in runs])
+    for key, what in (("ratio_largest_over_smallest", "matvec"),
+                      ("build_ratio_largest_over_smallest", "build"),
+                      ("build_plus_matvec_ratio_largest_over_smallest", "build + matvec")):
+        if doc.get(key) is not None:
+            print(f"{what} peak ratio N={args.sizes[-1]} / N={args.sizes[0]}: {doc[key]:.2f}")
     return doc
 
 

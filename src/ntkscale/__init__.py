@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+from . import settings
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
 from .ngd import FunctionSpaceNGD, ngd_step
-from .operator import NonDeterministicModelError, NTKOperator
+from .operator import NonDeterministicModelError, NTKOperator, SmallChunkWarning
 from .solvers import (
     ConvergenceWarning,
     SolveInfo,
@@ -31,8 +32,10 @@ __all__ = [
     "NegativeVarianceWarning",
     "ggn_kernel",
     "ngd_step",
+    "settings",
     "NTKOperator",
     "NonDeterministicModelError",
+    "SmallChunkWarning",
     "SolveInfo",
     "__version__",
     "build_preconditioner",

@@ -8,15 +8,37 @@ the user's model, and makes the kernel the one at the weights the operator was b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["FunctionalModel", "select_parameters", "chunks"]
+__all__ = ["FunctionalModel", "select_parameters", "chunks", "evaluation_mode"]
+
+
+@contextlib.contextmanager
+def evaluation_mode() -> Iterator[None]:
+    """How the operator evaluates a model: every op differentiable in both modes, under vmap.
+
+    PyTorch's fused attention fast path (``nn.MultiheadAttention``/``nn.TransformerEncoderLayer``
+    in eval mode, taken whenever no parameter requires grad — as under ``torch.func``) has no
+    forward-mode derivative, and the flash/memory-efficient SDPA kernels have no forward-mode
+    derivative either. Inside this context the fast path is off and scaled dot-product attention
+    uses its plain ``math`` kernel; the user's global settings are restored on exit.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 @dataclass(frozen=True)
@@ -41,7 +63,8 @@ class FunctionalModel:
         """Evaluate the network: ``x`` (n, *in_shape) -> (n, C)."""
         tensors = dict(zip(self.names, params))
         tensors.update(zip(self.fixed_names, fixed))
-        out = functional_call(self.module, tensors, (x,))
+        with evaluation_mode():
+            out = functional_call(self.module, tensors, (x,))
         return out.reshape(x.shape[0], self.num_outputs)
 
     def bind(self, fixed: Sequence[Tensor], x: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor]:

@@ -20,6 +20,8 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -27,15 +29,18 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
+from ._checks import all_finite, check_vector_finite, nonfinite_samples
 from .backends import BACKENDS, Backend, KernelData, get_backend
 from .functional import (
     FunctionalModel,
+    chunks,
     activation_bytes_per_sample,
     default_chunk_size,
+    evaluation_mode,
     select_parameters,
 )
 
-__all__ = ["NTKOperator", "NonDeterministicModelError"]
+__all__ = ["NTKOperator", "NonDeterministicModelError", "SmallChunkWarning"]
 
 log = logging.getLogger("ntkscale")
 
@@ -44,6 +49,13 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for temporaries: activations of a c
 
 class NonDeterministicModelError(ValueError):
     """The model's outputs change between calls or depend on the rest of the batch."""
+
+
+class SmallChunkWarning(UserWarning):
+    """An explicit ``chunk_size`` far below what the memory budget allows (slow products)."""
+
+
+SMALL_CHUNK_FACTOR = 8  # warn when the memory budget allows this many times the chunk given
 
 
 @dataclass(eq=False)
@@ -72,12 +84,15 @@ class NTKOperator(LinearOperator):
         X2: data for the columns (the cross-kernel ``Θ(X1, X2)``); ``None`` for ``Θ(X1, X1)``.
         backend: ``"auto"`` (a cost model picks and logs its choice at INFO), ``"autodiff"``,
             ``"structured"``, ``"keops"``, ``"cuda"`` or ``"dense"``.
-        chunk_size: samples per forward/backward pass; default from ``memory_budget``.
+        chunk_size: samples per forward/backward pass; default from ``memory_budget``. One far
+            below what the budget allows (8x or more) gives a :class:`SmallChunkWarning`.
         params: the parameters the kernel is taken over: names (``"2.weight"``, or a submodule
             prefix such as ``"2"``) or the parameter tensors; default all that require grad.
         dtype: cast data, parameters and floating buffers to this dtype (e.g. ``torch.float64``).
-        allow_nondeterministic: skip the refusal of models whose outputs are random (dropout in
-            train mode) or batch-dependent (BatchNorm in train mode).
+        allow_nondeterministic: no longer supported; ``True`` raises
+            :class:`NonDeterministicModelError` saying what to do instead. A model whose output is
+            random (dropout in train mode) or depends on the rest of its batch (BatchNorm in train
+            mode) has no NTK that is a kernel: call ``model.eval()`` first.
         memory_budget: bytes the operator may spend on temporaries (default 256 MiB).
         factor_budget: bytes of per-layer factors the structured backends may cache (default
             4 GiB); beyond it they are recomputed chunk by chunk on every product.
@@ -219,6 +234,16 @@ class NTKOperator(LinearOperator):
     def matmul(self, other):
         if torch.is_tensor(other):
             self._check_rhs(other)
+        elif not isinstance(other, LinearOperator):
+            raise TypeError(
+                f"K @ v needs a torch.Tensor (or a LinearOperator) of shape ({self.shape[-1]},) or "
+                f"({self.shape[-1]}, k); got {type(other).__module__}.{type(other).__name__}"
+                + (
+                    f"; convert it with torch.as_tensor(v, dtype={self.dtype}, device='{self.device}')"
+                    if hasattr(other, "__array__") or isinstance(other, (list, tuple))
+                    else ""
+                )
+            )
         return super().matmul(other)
 
     def __matmul__(self, other):
@@ -280,6 +305,11 @@ class NTKOperator(LinearOperator):
     def to_dense(self) -> Tensor:
         """The explicit matrix, shape (rows, cols). O(rows·cols) memory; computed on each call."""
         st = self._st
+        if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in self._args):
+            # differentiable with respect to the data and parameters: through the products'
+            # autograd (one column per unit vector; only where gradients are asked for)
+            eye = torch.eye(self.shape[-1], dtype=self.dtype, device=self.device)
+            return super().matmul(eye)
         data = self._data()
         G = st.backend.gram(data, data.X1, data.X2, rows=st.rows)  # (rows, N2*C)
         if st.cols is not None:
@@ -287,9 +317,65 @@ class NTKOperator(LinearOperator):
         return G
 
     def _bilinear_derivative(self, left_vecs, right_vecs):
-        # The data and parameter snapshots are constants of the kernel: no gradient reaches
-        # them (gradients with respect to the right-hand side flow as usual).
-        return (None,) * len(self._args)
+        """Gradients of ``Σ_k l_kᵀ Θ r_k`` with respect to the data and the parameters.
+
+        They flow only where the operator's tensors require grad (``K.requires_grad_(True)``);
+        the snapshots taken at construction do not. With ``a = J(X1)ᵀ L`` and ``b = J(X2)ᵀ R``
+        (one VJP pass each), the product rule gives ``∂(a·b) = ⟨L, ∂(J(X1) b)⟩ + ⟨R, ∂(J(X2) a)⟩``:
+        a gradient of a JVP, chunk by chunk over each data side (memory O(P·k + chunk)).
+        """
+        args = self._args
+        n = self._st.num_param_tensors
+        wants = [torch.is_tensor(t) and t.requires_grad and t.is_floating_point() for t in args]
+        if not any(wants[: 2 + n]):
+            return (None,) * len(args)
+        st, C = self._st, self.num_outputs
+        if left_vecs.ndim == 1:
+            left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
+        k = left_vecs.shape[-1]
+
+        def full(vecs, X, index):
+            if index is None:
+                return vecs.reshape(X.shape[0], C, k)
+            out = vecs.new_zeros(X.shape[0] * C, k)
+            out[index.to(vecs.device)] = vecs
+            return out.reshape(X.shape[0], C, k)
+
+        square = st.square  # then X1 holds both sides' data (X2 may be a copy of it)
+        X1 = self.X1.detach()
+        X2 = X1 if square else self.X2.detach()
+        Lv = full(left_vecs.detach(), X1, st.rows)
+        Rv = full(right_vecs.detach(), X2, st.cols)
+        params = tuple(p.detach() for p in self.params)
+        fixed = tuple(t.detach() for t in self.fixed)
+        data = replace(self._data(), params=params, fixed=fixed, X1=X1, X2=X2, cache={})
+        from .backends.autodiff import AutodiffBackend
+
+        ad = AutodiffBackend()
+        a, b = ad.vjp(data, X1, Lv), ad.vjp(data, X2, Rv)
+        fm = st.fm
+        g_params = [torch.zeros_like(p) for p in params]
+        g_X = {0: torch.zeros_like(X1) if wants[0] else None, 1: torch.zeros_like(X2) if wants[1] else None}
+
+        for side, (X, V, U) in enumerate(((X1, Lv, b), (X2, Rv, a))):
+            x_grad = X.is_floating_point() and wants[0 if square else side]
+            for sl in chunks(X.shape[0], st.chunk_size):
+
+                def h(p, x, V=V[sl]):
+                    t = torch.func.vmap(lambda u: torch.func.jvp(lambda q: fm(q, fixed, x), (p,), (u,))[1])(U)
+                    return (t * V.permute(2, 0, 1)).sum()  # t: (k, n, C)
+
+                gp, gx = torch.func.grad(h, argnums=(0, 1))(params, X[sl]) if x_grad else (
+                    torch.func.grad(h)(params, X[sl]), None)
+                for acc, g in zip(g_params, gp):
+                    acc.add_(g)
+                if gx is not None:
+                    g_X[0 if square else side][sl] += gx
+        out = [None] * len(args)
+        out[0], out[1] = g_X[0], (None if square else g_X[1])
+        for i, g in enumerate(g_params):
+            out[2 + i] = g if wants[2 + i] else None
+        return tuple(out)
 
     # -- checks ---------------------------------------------------------------------------------
     def _check_rhs(self, v: Tensor) -> None:
@@ -315,8 +401,7 @@ class NTKOperator(LinearOperator):
             raise ValueError(
                 f"the right-hand side is on {v.device} but the operator is on {self.device}"
             )
-        if not torch.isfinite(v).all():
-            raise ValueError("the right-hand side contains NaN or inf")
+        check_vector_finite(v)
 
 
 # -- construction -------------------------------------------------------------------------------
@@ -327,6 +412,12 @@ def _build(
 ):
     if not isinstance(model, nn.Module):
         raise TypeError(f"NTKOperator(model, X): model must be a torch.nn.Module, got {type(model).__name__}")
+    if allow_nondeterministic:
+        raise NonDeterministicModelError(
+            "allow_nondeterministic=True is no longer supported: a model whose output is random "
+            "(dropout in train mode) or depends on its batch (BatchNorm in train mode) has no NTK "
+            "that is a kernel, and no backend computes one. " + _WHAT_TO_DO
+        )
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -342,7 +433,7 @@ def _build(
         p = [t.to(dtype) for t in p]
         fx = [t.to(dtype) if t.is_floating_point() else t for t in fx]
     for n, t in zip(names, p):
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ValueError(f"parameter {n!r} contains NaN or inf")
     param_dtype, param_device = p[0].dtype, p[0].device
     for n, t in zip(names, p):
@@ -365,8 +456,19 @@ def _build(
     if not square:
         _run(fm, p, fx, X2[:2], "X2")
 
+    fitting = default_chunk_size(activation_bytes_per_sample(fm, p, fx, X1[:1]), budget)
     if chunk_size is None:
-        chunk_size = default_chunk_size(activation_bytes_per_sample(fm, p, fx, X1[:1]), budget)
+        chunk_size = fitting
+    elif chunk_size * SMALL_CHUNK_FACTOR <= min(fitting, X1.shape[0]):
+        warnings.warn(
+            f"chunk_size={chunk_size} is far below the {min(fitting, X1.shape[0])} samples per pass "
+            f"that the memory budget ({budget / 2**20:.0f} MiB) allows: every product makes "
+            f"{math.ceil(X1.shape[0] / chunk_size)} passes where {math.ceil(X1.shape[0] / fitting)} "
+            f"would do, and small passes are slow. Leave chunk_size=None to use the budget, or "
+            f"set memory_budget= to bound memory instead.",
+            SmallChunkWarning,
+            stacklevel=3,
+        )
 
     choice: dict = {}
     if backend == "auto":
@@ -402,8 +504,8 @@ def _check_data(X, name, param_dtype, param_device, dtype) -> Tensor:
     if X.is_floating_point():
         if dtype is not None:
             X = X.to(dtype)
-        if not torch.isfinite(X).all():
-            bad = (~torch.isfinite(X)).reshape(X.shape[0], -1).any(1).nonzero().flatten()
+        if not all_finite(X):  # in slices: no temporaries the size of X
+            bad = nonfinite_samples(X)
             raise ValueError(
                 f"{name} contains NaN or inf (in {bad.numel()} of {X.shape[0]} samples, first at "
                 f"index {bad[0].item()})"
@@ -432,13 +534,22 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     xs = X[: min(X.shape[0], 4)]
     names = dict(zip(fm.names, p))
     names.update(zip(fm.fixed_names, fx))
+
+    def call(x):
+        with torch.no_grad(), evaluation_mode():
+            return torch.func.functional_call(fm.module, names, (x,))
+
     try:
-        with torch.no_grad():
-            out = torch.func.functional_call(fm.module, names, (xs,))
+        out = call(xs)
     except Exception as err:
+        if _train_mode_layers(fm.module):  # e.g. BatchNorm in train mode on a batch of one
+            raise NonDeterministicModelError(
+                f"the model rejected X in train mode ({type(err).__name__}: {err}). "
+                + _what_to_do(fm.module)
+            ) from err
         raise ValueError(
             f"X has shape {tuple(X.shape)} ({tuple(X.shape[1:])} per sample) but the model "
-            f"rejected it: {type(err).__name__}: {err}"
+            f"rejected it: {type(err).__name__}: {err}.{_single_sample_hint(call, X)}"
         ) from err
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return a Tensor of shape (N, C) or (N,), got {type(out).__name__}")
@@ -449,13 +560,12 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     else:
         raise ValueError(
             f"the model must map a batch of {xs.shape[0]} samples to shape ({xs.shape[0]}, C) or "
-            f"({xs.shape[0]},); it returned {tuple(out.shape)}"
+            f"({xs.shape[0]},); it returned {tuple(out.shape)} for X of shape {tuple(X.shape)}."
+            f"{_single_sample_hint(call, X)}"
         )
     if not out.is_floating_point():
         raise TypeError(f"the model's output must be floating point, got {out.dtype}")
     fm = replace(fm, num_outputs=C, scalar_output=scalar)
-    if allow_nondeterministic:
-        return fm
     # Dropout gives a different output on a second call; BatchNorm in train mode makes a sample's
     # output depend on the rest of its batch. Either way J(x) is not a function of x alone.
     probe_fx = [t.clone() for t in fx]  # train-mode BatchNorm would update running stats in place
@@ -472,21 +582,51 @@ def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) 
     except Exception as err:  # e.g. BatchNorm in train mode on a batch of one
         why = f"evaluating one sample at a time failed ({type(err).__name__}: {err})"
     if why is not None:
-        training = [type(m).__name__ for m in fm.module.modules() if m.training and _mode_dependent(m)]
-        hint = (
-            f" The model is in train mode with {sorted(set(training))}: call model.eval()."
-            if training
-            else ""
-        )
         raise NonDeterministicModelError(
             f"the model's output is not a deterministic per-sample function: {why}, so its NTK is "
-            f"not a kernel.{hint} Pass allow_nondeterministic=True to build the operator anyway."
+            f"not a kernel. " + _what_to_do(fm.module)
         )
     return fm
 
 
+_WHAT_TO_DO = (
+    "Call model.eval() before building the operator: dropout is then off and BatchNorm uses its "
+    "running statistics. To take the kernel at a training batch's statistics instead, copy them "
+    "into each BatchNorm's running_mean and running_var, then call model.eval()."
+)
+
+
+def _what_to_do(module: nn.Module) -> str:
+    training = _train_mode_layers(module)
+    if training:
+        return f"The model is in train mode with {training}. " + _WHAT_TO_DO
+    return (
+        "Make its forward a deterministic function of each sample alone (no random ops, no "
+        "statistics over the batch), e.g. call model.eval() if it has train-mode behaviour."
+    )
+
+
+def _train_mode_layers(module: nn.Module) -> list[str]:
+    """Names of the layer types in train mode whose output is random or batch-dependent."""
+    return sorted({type(m).__name__ for m in module.modules() if m.training and _mode_dependent(m)})
+
+
 def _mode_dependent(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
+
+
+def _single_sample_hint(call, X: Tensor) -> str:
+    """When ``X`` looks like one sample without its batch dimension, say to add it."""
+    try:
+        out = call(X.unsqueeze(0))
+    except Exception:
+        return ""
+    if isinstance(out, Tensor) and out.ndim in (1, 2) and out.shape[0] == 1:
+        return (
+            f" X looks like a single sample without its batch dimension: the model accepts "
+            f"X.unsqueeze(0) of shape {tuple(X.unsqueeze(0).shape)}; pass that (or a batch X[i:i+1])."
+        )
+    return ""
 
 
 # -- index helpers ------------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def extension_status(device: str = "cpu") -> ExtensionStatus:
         missing.append("a C++ compiler (c++/g++ on PATH, or $CXX)")
     if not built and not _ninja():  # running ninja costs a process: only when it would build
         missing.append("ninja (pip install ninja)")
-    reason = "" if built or not missing else "cannot build the csrc extension: no " + " and no ".join(missing)
+    reason = "" if built or not missing else (
+        "cannot build the csrc extension: no " + " and no ".join(missing))
     return ExtensionStatus(built, not missing, want_cuda, reason)
 
 
@@ -276,15 +277,23 @@ def _owner(fm: FunctionalModel, name: str, called: set[str]) -> str:
     return ".".join(parts)
 
 
-def profile_model(fm: FunctionalModel, params, fixed, x1: Tensor) -> ModelProfile:
-    """Probe the model on one sample ``x1`` (shape ``(1, *in_shape)``); see :class:`ModelProfile`."""
+def profile_model(fm: FunctionalModel, params, fixed, X: Tensor) -> ModelProfile:
+    """Probe the model on the first sample of ``X`` (the first two tell which layers the
+    structured backend can factor); see :class:`ModelProfile`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .base import KernelData
-    from .structured import compute_factors, layer_specs
+    from .structured import compute_factors, factorable_layers
 
     params, fixed = tuple(params), tuple(fixed)
-    specs, rest = layer_specs(fm)
+    x1 = X[:1]
+    data = KernelData(fm, params, fixed, X[:2], X[:2], True, 1, 2**30)
+    try:
+        specs, rest = factorable_layers(data)
+    except Exception as err:  # noqa: BLE001 - the check itself failed: nothing can be factored
+        specs, rest, check_error = [], list(fm.names), f"{type(err).__name__}: {err}"[:300]
+    else:
+        check_error = ""
     # forward order: the FLOP count so far at each module call
     mods = dict(fm.module.named_modules())
     counter = FlopCounterMode(display=False)
@@ -319,7 +328,6 @@ def profile_model(fm: FunctionalModel, params, fixed, x1: Tensor) -> ModelProfil
 
     layers, structured_error = [], ""
     if specs:
-        data = KernelData(fm, params, fixed, x1, x1, True, 1, 2**30)
         try:
             fac = compute_factors(data, specs, x1)
             for spec, A, G in zip(specs, fac.A, fac.G):
@@ -328,7 +336,8 @@ def profile_model(fm: FunctionalModel, params, fixed, x1: Tensor) -> ModelProfil
         except Exception as err:  # noqa: BLE001 - recorded as the reason it cannot run
             structured_error = f"{type(err).__name__}: {err}"[:300]
     else:
-        structured_error = "no nn.Linear or nn.Conv2d layer among the differentiated parameters"
+        structured_error = check_error or (
+            "no nn.Linear or nn.Conv2d layer among the differentiated parameters")
     if rest and autodiff_error and not structured_error:
         structured_error = (f"its {len(rest)} unstructured parameters need autodiff, which fails: "
                             f"{autodiff_error}")
@@ -374,7 +383,7 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
     from .structured import DEFAULT_FACTOR_BUDGET
 
     factor_budget = factor_budget or DEFAULT_FACTOR_BUDGET
-    prof = profile or profile_model(fm, params, fixed, X1[:1])
+    prof = profile or profile_model(fm, params, fixed, X1[:2])
     dev = "cuda" if X1.device.type == "cuda" else "cpu"
     r = _rates(dev)
     C, P, el = prof.num_outputs, prof.num_params, prof.param_bytes
@@ -474,7 +483,8 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
     if dense_bytes <= cap and (N1 * C <= DENSE_MAX_ROWS or not product):
         # jacrev per sample: a forward and C backward passes, vmapped
         setup["dense"] = _mac_s(prof, (1 + 2 * C) * F * N_sum, r, "factor") + dense_bytes / r.bandwidth
-        product["dense"] = 2 * dense_bytes * (N1 + N2) / (2 * N_sum) / r.bandwidth + 2 * r.call_s["dense"]
+        product["dense"] = (2 * dense_bytes * (N1 + N2) / (2 * N_sum) / r.bandwidth
+                            + 2 * r.call_s["dense"])
         memory["dense"] = float(dense_bytes)
     else:
         cannot["dense"] = (f"explicit Jacobians of {dense_bytes / 2**20:.0f} MiB / {N1 * C} rows "

@@ -34,7 +34,9 @@ from ..functional import FunctionalModel, chunks
 from .autodiff import AutodiffBackend
 from .base import Backend, KernelData, ParamVec
 
-__all__ = ["StructuredBackend", "KeOpsBackend", "CudaBackend", "Factors", "layer_specs"]
+__all__ = [
+    "StructuredBackend", "KeOpsBackend", "CudaBackend", "Factors", "layer_specs", "factorable_layers",
+]
 
 log = logging.getLogger("ntkscale")
 
@@ -70,6 +72,71 @@ def layer_specs(fm: FunctionalModel) -> tuple[list[LayerSpec], list[str]]:
         covered.update(x for x in (w, b) if x)
     rest = [n for n in fm.names if n not in covered]
     return specs, rest
+
+
+def factorable_layers(data: KernelData) -> tuple[list[LayerSpec], list[str]]:
+    """:func:`layer_specs`, checked on the data: layers whose factors do not give their gradient
+    are moved to the autodiff rest.
+
+    A ``Linear`` can be in the model without being called (``nn.MultiheadAttention`` uses
+    ``out_proj.weight`` functionally), its weight can also be used outside its call (tied
+    weights), or its input can hold the batch elsewhere than in front (sequence-first). For each
+    candidate layer the factors of the first sample, ``Σ_p g_p a_pᵀ`` under a random cotangent on
+    that sample's outputs only, are compared with autograd's gradient of the same scalar; a layer
+    that is never called or disagrees goes through autodiff, as other layer types do.
+    """
+    fm = data.fm
+    specs, rest = layer_specs(fm)
+    if not specs:
+        return specs, rest
+    X = data.X1[: min(2, data.X1.shape[0])]
+    params = [p.detach().requires_grad_(True) for p in data.params]
+    pos = {n: i for i, n in enumerate(fm.names)}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.enable_grad(), _Capture(fm, specs) as cap:
+        out = fm(params, data.fixed, X)  # (n, C)
+        r = torch.zeros_like(out)
+        r[0] = torch.randn(out.shape[1], generator=gen, dtype=out.dtype).to(out.device)
+        deltas = [d for ds in cap.deltas for d in ds]
+        grads = torch.autograd.grad(out, [*deltas, *params], r, allow_unused=True)
+    g_delta, g_param = grads[: len(deltas)], grads[len(deltas) :]
+    keep, moved, k = [], [], 0
+    for idx, (spec, mod) in enumerate(zip(specs, cap.layers)):
+        uses = len(cap.deltas[idx])
+        ok = uses > 0
+        gw = gb = 0
+        for use in range(uses):
+            g = g_delta[k]
+            k += 1
+            if g is None:
+                continue
+            A = _unfold_input(mod, cap.inputs[idx][use][:1])[0]  # (L, d)
+            G = _grad_rows(mod, g[:1].unsqueeze(0))[0, 0]  # (L, o)
+            gw = gw + G.T @ A
+            gb = gb + G.sum(0)
+        for name, est in ((spec.weight, gw), (spec.bias, gb)):
+            if not ok or name is None:
+                continue
+            ref = g_param[pos[name]]
+            ref = torch.zeros_like(params[pos[name]]) if ref is None else ref
+            est = torch.zeros_like(ref) if isinstance(est, int) else est.reshape(ref.shape)
+            tol = (1e-8 if ref.dtype == torch.float64 else 1e-3) * (ref.abs().max().item() + 1e-12)
+            ok = ok and (est - ref).abs().max().item() <= tol + 1e-30
+        if ok:
+            keep.append(spec)
+        else:
+            moved.extend(n for n in (spec.weight, spec.bias) if n)
+            log.info(
+                "ntkscale: layer %r %s; its parameters go through autodiff",
+                spec.module_name,
+                "is not called in the forward pass" if uses == 0
+                else "is not used as a per-sample layer call alone (weights used elsewhere or a "
+                "batch axis not in front)",
+            )
+    if moved:
+        chosen = set(rest) | set(moved)
+        rest = [n for n in fm.names if n in chosen]
+    return keep, rest
 
 
 @dataclass
@@ -163,6 +230,30 @@ def compute_factors(data: KernelData, specs: list[LayerSpec], X: Tensor) -> Fact
     return Factors(A, G)
 
 
+def build_factors(data: KernelData, specs: list[LayerSpec], X: Tensor) -> Factors:
+    """Factors of all of ``X``, written chunk by chunk into preallocated tensors.
+
+    Peak memory is the factors plus one chunk's temporaries: the chunk is cut so that its
+    factor pass (about four times its factors: activations, the C batched output gradients and
+    their copies) stays within the memory budget, never concatenated from parts held at once.
+    """
+    n = X.shape[0]
+    one = compute_factors(data, specs, X[:1])
+    per_sample = max(1, one.nbytes())
+    rows = max(1, min(data.chunk_size, data.memory_budget // (4 * per_sample)))
+    if n <= rows:
+        return compute_factors(data, specs, X)
+    A = [a.new_empty((n, *a.shape[1:])) for a in one.A]
+    G = [g.new_empty((n, *g.shape[1:])) for g in one.G]
+    del one
+    for sl in chunks(n, rows):
+        part = compute_factors(data, specs, X[sl])
+        for dst, src in zip((*A, *G), (*part.A, *part.G)):
+            dst[sl].copy_(src)
+        del part
+    return Factors(A, G)
+
+
 class StructuredBackend(Backend):
     """NTK products from cached per-layer factors (weight-space GEMMs), autodiff for the rest."""
 
@@ -177,7 +268,7 @@ class StructuredBackend(Backend):
         """(specs, indices of each spec's weight/bias in data.params, rest-data or None)."""
 
         def build():
-            specs, rest = layer_specs(data.fm)
+            specs, rest = factorable_layers(data)
             pos = {n: i for i, n in enumerate(data.fm.names)}
             idx = [(pos.get(s.weight), pos.get(s.bias)) for s in specs]
             return specs, idx, rest
@@ -229,11 +320,7 @@ class StructuredBackend(Backend):
             return None
 
         def build():
-            parts = [compute_factors(data, specs, X[sl]) for sl in chunks(X.shape[0], data.chunk_size)]
-            fac = parts[0] if len(parts) == 1 else Factors(
-                [torch.cat([p.A[l] for p in parts]) for l in range(len(specs))],
-                [torch.cat([p.G[l] for p in parts]) for l in range(len(specs))],
-            )
+            fac = build_factors(data, specs, X)
             log.info("ntkscale: cached structured factors of %d samples: %.1f MiB", X.shape[0], fac.nbytes() / 2**20)
             return fac
 
@@ -352,14 +439,12 @@ class StructuredBackend(Backend):
         return data.cached("dense-layers", (), build)
 
     def _whole(self, data: KernelData, X: Tensor) -> Factors:
-        parts = list(self._side(data, X))
-        if len(parts) == 1:
-            return parts[0][1]
-        n_layers = len(parts[0][1].A)
-        return Factors(
-            [torch.cat([f.A[l] for _, f in parts]) for l in range(n_layers)],
-            [torch.cat([f.G[l] for _, f in parts]) for l in range(n_layers)],
-        )
+        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        fac = self._factors(data, X, name) if name else None
+        if fac is not None:
+            return fac
+        specs, _, _ = self._layout(data)
+        return build_factors(data, specs, X)
 
     @staticmethod
     def _kernel_factors(fac: Factors, idx, layers=None):

@@ -1,0 +1,62 @@
+"""Input checks, written once: finiteness of data and vectors in bounded chunks.
+
+``torch.isfinite(X).all()`` on a whole tensor allocates temporaries the size of ``X`` (its
+absolute value and two boolean masks): for a data set that is most of the memory the operator
+needs. Here the check walks the tensor in slices of at most ``CHUNK_BYTES``, accumulates one flag
+on the tensor's device and reads it once, so the peak beyond the data is one slice and a GPU is
+synchronized once per check, not once per slice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .settings import debug
+
+__all__ = ["CHUNK_BYTES", "all_finite", "nonfinite_samples", "check_vector_finite"]
+
+CHUNK_BYTES = 16 * 2**20  # bytes of the checked tensor per slice
+
+
+def _slices(t: Tensor, chunk_bytes: int):
+    """Views of ``t`` along its first axis (or flat, for 0-d/1-d), at most ``chunk_bytes`` each."""
+    flat = t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(-1, 1)
+    row = max(1, flat.shape[1] * t.element_size())
+    rows = max(1, chunk_bytes // row)
+    for s in range(0, flat.shape[0], rows):
+        yield s, flat[s : s + rows]
+
+
+def all_finite(t: Tensor, chunk_bytes: int = CHUNK_BYTES) -> bool:
+    """Whether every entry of ``t`` is finite (integer tensors always are). One device read."""
+    if not t.is_floating_point() and not t.is_complex():
+        return True
+    if t.numel() == 0:
+        return True
+    bad = torch.zeros((), dtype=torch.bool, device=t.device)
+    for _, piece in _slices(t, chunk_bytes):
+        bad |= ~torch.isfinite(piece).all()
+    return not bool(bad)
+
+
+def nonfinite_samples(t: Tensor, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+    """Indices (along the first axis) of the samples holding NaN or inf, as a CPU LongTensor."""
+    found = []
+    for s, piece in _slices(t, chunk_bytes):
+        rows = (~torch.isfinite(piece)).any(1).nonzero().flatten()
+        if rows.numel():
+            found.append(rows.cpu() + s)
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
+
+
+def check_vector_finite(v: Tensor, what: str = "the right-hand side") -> None:
+    """Refuse NaN/inf in a product's vector: always on the CPU, under :class:`debug` elsewhere.
+
+    On a GPU the check's answer has to be read back, a device synchronization per product that
+    the solvers' pipelines would otherwise not need; it runs there only under ``debug(True)``.
+    """
+    if v.device.type != "cpu" and not debug.on():
+        return
+    if not all_finite(v):
+        raise ValueError(f"{what} contains NaN or inf")
