@@ -96,12 +96,36 @@ def _resnet(C: int) -> Callable[[], nn.Module]:
     return make
 
 
+def _ntk_mlp(parametrization: str, b_std: float) -> Callable[[], nn.Module]:
+    def make():
+        from ntkscale.models import MLP
+
+        return MLP(5, [9, 7], 3, activation="tanh", W_std=1.3, b_std=b_std, parametrization=parametrization)
+
+    return make
+
+
+def _ntk_cnn(parametrization: str) -> Callable[[], nn.Module]:
+    def make():
+        from ntkscale.models import CNN
+
+        return CNN(2, [3, 4], 2, activation="erf", W_std=1.5, b_std=0.4, parametrization=parametrization)
+
+    return make
+
+
 CASES = {
     "mlp-C1": Case("mlp-C1", _mlp(1), (5,), 1),
     "mlp-scalar": Case("mlp-scalar", _mlp(1, scalar=True), (5,), 1),
     "mlp-C3": Case("mlp-C3", _mlp(3), (5,), 3),
     "cnn-C2": Case("cnn-C2", _cnn(2), (2, 7, 7), 2),
     "resnet-C2": Case("resnet-C2", _resnet(2), (2, 5, 5), 2),
+    # ntkscale.models: the layers' multipliers are factored by the structured backends
+    "models-mlp-ntk": Case("models-mlp-ntk", _ntk_mlp("ntk", 0.7), (5,), 3),
+    "models-mlp-ntk-b0": Case("models-mlp-ntk-b0", _ntk_mlp("ntk", 0.0), (5,), 3),
+    "models-mlp-standard": Case("models-mlp-standard", _ntk_mlp("standard", 0.7), (5,), 3),
+    "models-cnn-ntk": Case("models-cnn-ntk", _ntk_cnn("ntk"), (2, 5, 5), 2),
+    "models-cnn-standard": Case("models-cnn-standard", _ntk_cnn("standard"), (2, 5, 5), 2),
 }
 
 

@@ -13,7 +13,11 @@ batched backward passes), a product is two GEMMs per layer:
     U_l = Σ_{i,c,p} v_ic g_icp a_ipᵀ          (vjp, weight space)
     (Θ v)_ic = Σ_{l,p} g_icpᵀ (U_l a_ip + u_b)  (jvp)
 
-about two forward passes of FLOPs. Parameters of other layer types (norms, embeddings, custom
+about two forward passes of FLOPs. A layer may carry constant multipliers (the NTK
+parametrization, ``z = weight_scale · W a + bias_scale · b``, see ``ntkscale.models``): any
+``nn.Linear``/``nn.Conv2d`` (subclass) with float attributes ``weight_scale``/``bias_scale`` is
+factored with ``weight_scale · a`` as its input factor and ``bias_scale`` on its bias column.
+Parameters of other layer types (norms, embeddings, custom
 modules) go through the autodiff backend restricted to them, and the two parts add up.
 
 ``KeOpsBackend`` and ``CudaBackend`` do the same but reduce the dense (L = 1) layers in kernel
@@ -48,6 +52,13 @@ class LayerSpec:
     module_name: str
     weight: str | None  # full parameter name, or None when the weight is held fixed
     bias: str | None
+    weight_scale: float = 1.0  # constant multipliers of the layer: z = ws · W a + bs · b
+    bias_scale: float = 1.0
+
+
+def layer_scales(mod: nn.Module) -> tuple[float, float]:
+    """A layer's constant ``(weight_scale, bias_scale)`` multipliers (1, 1 for plain layers)."""
+    return float(getattr(mod, "weight_scale", 1.0)), float(getattr(mod, "bias_scale", 1.0))
 
 
 def layer_specs(fm: FunctionalModel) -> tuple[list[LayerSpec], list[str]]:
@@ -66,7 +77,7 @@ def layer_specs(fm: FunctionalModel) -> tuple[list[LayerSpec], list[str]]:
         b = prefix + "bias" if mod.bias is not None and prefix + "bias" in names else None
         if w is None and b is None:
             continue
-        specs.append(LayerSpec(mname, w, b))
+        specs.append(LayerSpec(mname, w, b, *layer_scales(mod)))
         covered.update(x for x in (w, b) if x)
     rest = [n for n in fm.names if n not in covered]
     return specs, rest
@@ -74,10 +85,25 @@ def layer_specs(fm: FunctionalModel) -> tuple[list[LayerSpec], list[str]]:
 
 @dataclass
 class Factors:
-    """Per-layer factors of one data side: ``A[l]`` (n, L, d), ``G[l]`` (n, C, L, o)."""
+    """Per-layer factors of one data side: ``A[l]`` (n, L, d), ``G[l]`` (n, C, L, o).
+
+    ``A[l]`` already carries the layer's weight multiplier; ``bias_scale[l]`` multiplies the
+    bias gradient (``G`` summed over positions)."""
 
     A: list[Tensor]
     G: list[Tensor]
+    bias_scale: list[float] | None = None
+
+    def bscale(self, l: int) -> float:
+        return 1.0 if self.bias_scale is None else self.bias_scale[l]
+
+    def select(self, sl) -> Factors:
+        """Rows ``sl`` of every factor."""
+        return Factors([A[sl] for A in self.A], [G[sl] for G in self.G], self.bias_scale)
+
+    def layer(self, l: int) -> Factors:
+        """The factors of layer ``l`` alone."""
+        return Factors([self.A[l]], [self.G[l]], [self.bscale(l)])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.A, *self.G))
@@ -156,11 +182,12 @@ def compute_factors(data: KernelData, specs: list[LayerSpec], X: Tensor) -> Fact
             k += 1
             if g is None:
                 g = torch.zeros(C, *cap.deltas[idx][use].shape, dtype=out.dtype, device=out.device)
-            a_list.append(_unfold_input(mod, cap.inputs[idx][use]))
+            a = _unfold_input(mod, cap.inputs[idx][use])
+            a_list.append(a * specs[idx].weight_scale if specs[idx].weight_scale != 1.0 else a)
             g_list.append(_grad_rows(mod, g))
         A.append(torch.cat(a_list, dim=1) if uses > 1 else a_list[0])
         G.append(torch.cat(g_list, dim=2) if uses > 1 else g_list[0])
-    return Factors(A, G)
+    return Factors(A, G, [s.bias_scale for s in specs])
 
 
 class StructuredBackend(Backend):
@@ -233,6 +260,7 @@ class StructuredBackend(Backend):
             fac = parts[0] if len(parts) == 1 else Factors(
                 [torch.cat([p.A[l] for p in parts]) for l in range(len(specs))],
                 [torch.cat([p.G[l] for p in parts]) for l in range(len(specs))],
+                parts[0].bias_scale,
             )
             log.info("ntkscale: cached structured factors of %d samples: %.1f MiB", X.shape[0], fac.nbytes() / 2**20)
             return fac
@@ -256,7 +284,7 @@ class StructuredBackend(Backend):
         per_row = sum(G.shape[2] * G.shape[3] + A.shape[2] for A, G in zip(fac.A, fac.G))
         rows = max(1, data.memory_budget // max(1, 2 * k * per_row * fac.A[0].element_size()))
         for sl in chunks(X.shape[0], rows):
-            yield sl, Factors([A[sl] for A in fac.A], [G[sl] for G in fac.G])
+            yield sl, fac.select(sl)
 
     # -- weight-space primitives ------------------------------------------------------------
     def vjp(self, data: KernelData, X: Tensor, V: Tensor) -> ParamVec:
@@ -319,7 +347,7 @@ class StructuredBackend(Backend):
                         GG = G @ G.transpose(2, 3)  # (n, C, L, L)
                         diag[sl] += (GG * AA[:, None]).sum((2, 3))
                 if ib is not None:
-                    diag[sl] += G.sum(2).square().sum(-1)
+                    diag[sl] += G.sum(2).square().sum(-1) * fac.bscale(l) ** 2
         if rest is not None:
             diag += self._rest_backend.diagonal(replace(rest, X1=X, X2=X, square=True))
         return diag
@@ -359,6 +387,7 @@ class StructuredBackend(Backend):
         return Factors(
             [torch.cat([f.A[l] for _, f in parts]) for l in range(n_layers)],
             [torch.cat([f.G[l] for _, f in parts]) for l in range(n_layers)],
+            parts[0][1].bias_scale,
         )
 
     @staticmethod
@@ -369,9 +398,9 @@ class StructuredBackend(Backend):
             iw, ib = idx[l]
             A, G = fac.A[l][:, 0], fac.G[l][:, :, 0]
             if iw is None:
-                A = A.new_ones(A.shape[0], 1)
+                A = A.new_full((A.shape[0], 1), fac.bscale(l))
             elif ib is not None:
-                A = torch.cat([A, A.new_ones(A.shape[0], 1)], dim=1)
+                A = torch.cat([A, A.new_full((A.shape[0], 1), fac.bscale(l))], dim=1)
             A_out.append(A.contiguous())
             G_out.append(G.contiguous())
         return A_out, G_out
@@ -393,8 +422,8 @@ class StructuredBackend(Backend):
         if others or rest is not None:
             # convolutions and non-structured parameters: weight space, restricted to them
             for l in others:
-                sub2 = Factors([f2.A[l]], [f2.G[l]])
-                sub1 = Factors([f1.A[l]], [f1.G[l]])
+                sub2 = f2.layer(l)
+                sub1 = f1.layer(l)
                 out = out + _weight_space_jvp(sub1, _weight_space_vjp(sub2, [idx[l]], V))
             if rest is not None:
                 out = out + self._rest_backend.matmul(rest, V)
@@ -417,13 +446,13 @@ def _weight_space_vjp(fac: Factors, idx, V: Tensor) -> list[tuple[Tensor | None,
             if iw is not None:
                 Uw = (Gv.T @ A.reshape(n * L, -1)).unsqueeze(0)  # (1, o, d)
             if ib is not None:
-                Ub = Gv.sum(0).unsqueeze(0)
+                Ub = Gv.sum(0).unsqueeze(0) * fac.bscale(l)
         else:
             Gv = Gv.reshape(n, k, L, o).permute(1, 3, 0, 2).reshape(k * o, n * L)
             if iw is not None:
                 Uw = (Gv @ A.reshape(n * L, -1)).reshape(k, o, -1)
             if ib is not None:
-                Ub = Gv.sum(1).reshape(k, o)
+                Ub = Gv.sum(1).reshape(k, o) * fac.bscale(l)
         res.append((Uw, Ub))
     return res
 
@@ -439,6 +468,7 @@ def _weight_space_jvp(fac: Factors, U) -> Tensor:
         if Uw is not None:
             Z = (A.reshape(n * L, -1) @ Uw.reshape(k * o, -1).T).reshape(n, L, k, o)
         if Ub is not None:
+            Ub = Ub * fac.bscale(l) if fac.bscale(l) != 1.0 else Ub
             Z = Ub.expand(n, L, k, o) if Z is None else Z + Ub
         Zr = Z.permute(0, 2, 1, 3).reshape(n, k, L * o)
         # out[n, c, k] = Σ_{l,o} G[n, c, l, o] Z[n, l, k, o], as (n, k, L·o) @ (n, L·o, C)
