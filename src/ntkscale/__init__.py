@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+from . import kernels, models
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
+from .jacobian import JacobianDifference, JacobianDifferenceOperator, jacobian_difference_norm
 from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator
 from .solvers import (
@@ -27,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceWarning",
     "FunctionSpaceNGD",
+    "JacobianDifference",
+    "JacobianDifferenceOperator",
     "NTKGP",
     "NegativeVarianceWarning",
     "ggn_kernel",
@@ -38,8 +42,11 @@ __all__ = [
     "build_preconditioner",
     "condition_number",
     "eigvalsh_extremes",
+    "jacobian_difference_norm",
+    "kernels",
     "lanczos",
     "logdet",
+    "models",
     "solve",
     "spectral_density",
 ]
