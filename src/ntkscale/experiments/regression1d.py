@@ -256,7 +256,7 @@ def figures(results: dict, out: Path) -> list[Path]:
             ax.set_xlabel("x")
             ax.set_ylim(-3, 3)
         axes[0][0].legend(fontsize=6, loc="lower left")
-        fig.suptitle(f"NTK-GP predictive, depth {config['depth']}, after {config['steps']} GD steps", fontsize=9)
+        fig.suptitle(f"NTK-GP predictive, depth {config['depth']}, after {config['steps']} GD steps", fontsize=9, y=1.04)
         paths.append(save_figure(fig, out / "regression1d.png"))
     rows = [r for r in results["rows"] if r["width"] is not None]
     if rows:
