@@ -339,10 +339,12 @@ def _series(rows, arch, p, depth, key):
     return [r["width"] for r in sel], [r[key] for r in sel]
 
 
-def _log_axes(ax, x: bool = True) -> None:
+def _log_axes(ax, x: bool = True, widths=None) -> None:
     """Log scales where the drawn data allow them (a panel of only singular points stays linear)."""
     if x and ax.has_data():
         ax.set_xscale("log", base=2)
+        if widths:
+            ax.set_xlim(min(widths) / 1.5, max(widths) * 1.5)
     ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=float).ravel()]
     if ys and min(ys) > 0:
         ax.set_yscale("log")
@@ -360,7 +362,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     styles = {"ntk": "-", "standard": "--"}
     paths = []
 
-    fig, axes, _ = new_figure(2, len(archs), figsize=(4.2 * len(archs), 6.0), squeeze=False)
+    fig, axes, _ = new_figure(2, len(archs), figsize=(4.2 * len(archs), 6.0), squeeze=False, layout="constrained")
     for j, arch in enumerate(archs):
         for i, (key, label) in enumerate((("lambda_min", "λ_min(JJᵀ)"), ("condition_number", "condition number"))):
             ax = axes[i][j]
@@ -376,7 +378,7 @@ def figures(results: dict, out: Path) -> list[Path]:
                     if zeros:  # singular Gram: drawn on the axis' bottom edge
                         ax.scatter(zeros, [0.02] * len(zeros), marker="x", color=f"C{d_i}", transform=ax.get_xaxis_transform(),
                                    clip_on=False)
-            _log_axes(ax)
+            _log_axes(ax, widths=[r["width"] for r in rows if r["architecture"] == arch])
             ax.set_xlabel("width" if arch == "mlp" else "channels")
             ax.set_title(f"{arch.upper()}: {label}", fontsize=9)
         axes[0][j].text(0.02, 0.04, "× on the axis: singular (λ_min = 0)", transform=axes[0][j].transAxes, fontsize=6)
@@ -384,7 +386,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     fig.suptitle(f"NTK Gram spectrum at initialization, {config['dataset']}, N = {rows[0]['num_samples']}", fontsize=9)
     paths.append(save_figure(fig, out / "conditioning_spectrum.png"))
 
-    fig, axes, _ = new_figure(1, len(archs), figsize=(4.2 * len(archs), 3.0), squeeze=False)
+    fig, axes, _ = new_figure(1, len(archs), figsize=(4.2 * len(archs), 3.2), squeeze=False, layout="constrained")
     for j, arch in enumerate(archs):
         ax = axes[0][j]
         for d_i, depth in enumerate(depths):
@@ -399,14 +401,14 @@ def figures(results: dict, out: Path) -> list[Path]:
             c0 = max(r["stability_constant"] for r in ntk if r["width"] == w0)
             ws = sorted({r["width"] for r in ntk})
             ax.plot(ws, [c0 * math.sqrt(w0 / w) for w in ws], color="0.5", ls=":", label="∝ 1/√width")
-        _log_axes(ax)
+        _log_axes(ax, widths=[r["width"] for r in rows if r["architecture"] == arch])
         ax.set_xlabel("width" if arch == "mlp" else "channels")
         ax.set_title(f"{arch.upper()}: C′ ≈ max ‖J(θ) − J(θ₀)‖₂ / ‖θ − θ₀‖", fontsize=9)
     axes[0][0].legend(fontsize=6)
     paths.append(save_figure(fig, out / "conditioning_stability.png"))
 
     depth = depths[len(depths) // 2]
-    fig, axes, _ = new_figure(len(archs), 2, figsize=(8.0, 2.8 * len(archs)), squeeze=False)
+    fig, axes, _ = new_figure(len(archs), 2, figsize=(8.0, 2.8 * len(archs)), squeeze=False, layout="constrained")
     colors = {"ngd": "C3", "gd": "C0", "adam": "C2"}
     for i, arch in enumerate(archs):
         sel = [r for r in rows if r["architecture"] == arch and r["depth"] == depth]
