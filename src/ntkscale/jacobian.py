@@ -100,7 +100,6 @@ class JacobianDifferenceOperator(LinearOperator):
             args = (X, *th, *th0, *fixed)
         else:
             args = (model, X, params, params0, *tensors)  # rebuilt: (X, *θ, *θ₀, *fixed)
-            args = tuple(a for a in args)
         super().__init__(*args, _state=_state)
         self._st = _state
         n = len(_state.names)

@@ -40,7 +40,7 @@ __all__ = ["infinite_ntk", "infinite_nngp", "multi_output", "CLOSED_FORM", "QUAD
 
 CLOSED_FORM = ("relu", "erf")
 QUADRATURE = ("tanh", "gelu")
-DEFAULT_BLOCK = 2**22  # kernel entries per tile (closed forms); quadrature tiles are smaller
+DEFAULT_BLOCK = 2**20  # kernel entries per tile (closed forms); quadrature tiles are smaller
 
 
 def infinite_nngp(X1: Tensor, X2: Tensor | None = None, *, depth: int, activation: str = "relu",
@@ -56,7 +56,7 @@ def infinite_nngp(X1: Tensor, X2: Tensor | None = None, *, depth: int, activatio
         activation: ``"relu"``, ``"erf"`` (closed forms), ``"tanh"`` or ``"gelu"`` (quadrature).
         W_std: ``σ_w > 0``.
         b_std: ``σ_b ≥ 0``.
-        block_size: kernel entries computed per tile (default 4M, divided by the number of
+        block_size: kernel entries computed per tile (default 2²⁰, divided by the number of
             quadrature nodes for tanh/gelu).
         quadrature_degree: Gauss–Hermite nodes per dimension for tanh/gelu. The error falls like
             ``exp(-c √degree)`` (tanh has poles near the real axis): at pre-activation variances
@@ -211,12 +211,13 @@ def _kernel(X1, X2, depth, activation, W_std, b_std, block_size, degree, ntk):
     out = torch.empty(N1, N2, dtype=out_dtype, device=device)
     tc = min(N2, max(1, entries))
     tr = min(N1, max(1, entries // tc))
+    X2d = X2.to(dt)
     for i0 in range(0, N1, tr):
         i1 = min(N1, i0 + tr)
         A = X1[i0:i1].to(dt)
         for j0 in range(0, N2, tc):
             j1 = min(N2, j0 + tc)
-            K = w2 * (A @ X2[j0:j1].to(dt).T) / d + b2
+            K = w2 * (A @ X2d[j0:j1].T) / d + b2
             T = K if ntk else None
             for l in range(depth):
                 a = q1[l][i0:i1, None].expand_as(K)
