@@ -203,3 +203,9 @@ def test_presets_meet_the_issue():
         assert preset.num_tasks >= tasks and set(preset.families) == set(continual.FAMILIES)
         assert len(preset.widths) >= 3 and max(preset.widths) / min(preset.widths) >= 16
         assert set(preset.regimes) == set(continual.REGIMES)
+
+
+def test_divergence_is_reported(tmp_path):
+    with pytest.raises(ExperimentError, match="diverged"):
+        run_study(continual.STUDY, out=tmp_path, overrides={**TINY, "lr": 1e30, "regimes": ["early_stopped"]},
+                  **_quiet())

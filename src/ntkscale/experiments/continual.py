@@ -349,6 +349,12 @@ def _epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[Tensor
     return list(torch.randperm(n, generator=gen).split(batch_size))
 
 
+def _check_finite(model: nn.Module, config: dict) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise ExperimentError(f"SGD diverged (lr={config['lr']}, width {model.widths[0]}): parameters are not "
+                              f"finite; lower lr")
+
+
 def _train_task(model: nn.Module, task: Task, config: dict, regime: str, gen: torch.Generator, device,
                 bar) -> tuple[int, float, bool]:
     """Train on one task; ``(sgd steps, training accuracy, target reached)``."""
@@ -370,6 +376,7 @@ def _train_task(model: nn.Module, task: Task, config: dict, regime: str, gen: to
             if not batches:
                 batches = _epoch_batches(len(y), config["batch_size"], gen)
             step(batches.pop(0).to(device))
+        _check_finite(model, config)
         acc = _accuracy(model, X, y)
         return steps, acc, acc >= config["target_accuracy"]
     acc = _accuracy(model, X, y)
@@ -379,8 +386,7 @@ def _train_task(model: nn.Module, task: Task, config: dict, regime: str, gen: to
             step(idx.to(device))
         epochs += 1
         acc = _accuracy(model, X, y)
-        if not math.isfinite(float(next(model.parameters()).detach().sum())):
-            raise ExperimentError(f"training diverged (lr={config['lr']}, width {model.widths[0]}); lower lr")
+        _check_finite(model, config)
     return steps, acc, acc >= config["target_accuracy"]
 
 
