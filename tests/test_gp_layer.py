@@ -294,3 +294,15 @@ def test_exact_cost_estimate_after_a_fit_uses_a_cold_solve(small):
     cold = gp.solve_info.iterations
     gp.fit_hyperparameters(kind="gp")  # warm-started solves: not a cost estimate
     assert cold > 0 and gp.posterior.iterations_estimate() >= cold
+
+
+@pytest.mark.parametrize("backend", ["autodiff", "structured", "dense"])
+def test_operator_jvp_equals_the_jacobian(small, backend):
+    import ntkscale as nks
+
+    K = nks.NTKOperator(small["model"], small["Xt"], backend=backend)
+    U = torch.randn(small["Js"].shape[1], 3, dtype=DT)
+    assert _rel(K.jvp(U), small["Js"] @ U) < 1e-10
+    assert _rel(K.jvp(U[:, 0]), small["Js"] @ U[:, 0]) < 1e-10
+    with pytest.raises(ValueError, match=r"tangents must have shape \(\d+,\) or \(\d+, k\)"):
+        K.jvp(U[:-1])
