@@ -34,13 +34,13 @@ from bench_solvers import environment, load_inputs, make_mlp, train_briefly  # n
 import _common  # noqa: E402
 from ntkscale.gp import NTKGP  # noqa: E402
 
-QUICK = {"n": 400, "n_test": 100, "width": 128, "rank": 100, "train_steps": 50}
+QUICK = {"n": 200, "n_test": 100, "width": 128, "rank": 100, "train_steps": 50}
 FULL = {"n": 5000, "n_test": 500, "width": 512, "rank": 500, "train_steps": 100}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"small preset (N·C = 4,000): {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"small preset (N·C = 2,000): {QUICK}")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
