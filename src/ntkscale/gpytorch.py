@@ -153,6 +153,8 @@ class NTKKernel(gpytorch.kernels.Kernel):
         dtype: cast the network's copy to this dtype (default: the network's). Inputs must
             come in this dtype (e.g. ``gp.double()`` and float64 data).
         preconditioner_rank: rank of the Nyström factor used to precondition GPyTorch's CG.
+        preconditioner: ``"nystrom"`` (default) or ``None`` for GPyTorch's own greedy pivoted
+            Cholesky of rank ``gpytorch.settings.max_preconditioner_size`` (15 by default).
         operator_kwargs: further keyword arguments for :class:`~ntkscale.NTKOperator`
             (``chunk_size``, ``memory_budget``, ...).
         **kwargs: for ``gpytorch.kernels.Kernel`` (e.g. ``active_dims``).
@@ -173,6 +175,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
         backend: str = "auto",
         dtype: torch.dtype | None = None,
         preconditioner_rank: int = DEFAULT_PRECONDITIONER_RANK,
+        preconditioner: str | None = "nystrom",
         operator_kwargs: dict | None = None,
         **kwargs,
     ):
@@ -182,6 +185,11 @@ class NTKKernel(gpytorch.kernels.Kernel):
             raise ValueError("NTKKernel does not support batch_shape (one kernel per network)")
         if isinstance(preconditioner_rank, bool) or not isinstance(preconditioner_rank, int) or preconditioner_rank < 1:
             raise ValueError(f"preconditioner_rank must be an integer >= 1, got {preconditioner_rank!r}")
+        if preconditioner not in ("nystrom", None):
+            raise ValueError(
+                f"preconditioner must be 'nystrom' (ntkscale's Nyström root) or None (GPyTorch's own "
+                f"greedy pivoted Cholesky), got {preconditioner!r}"
+            )
         super().__init__(**kwargs)
         frozen = copy.deepcopy(model)
         for p in frozen.parameters():
@@ -195,6 +203,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
         self.params = params
         self.backend = backend
         self.preconditioner_rank = preconditioner_rank
+        self.preconditioner = preconditioner
         self.operator_kwargs = dict(operator_kwargs or {})
         self._operators: list = []  # (x1, x2 or None, operator), most recent last
         self._nystrom_cache: dict = {}
@@ -258,6 +267,8 @@ class NTKKernel(gpytorch.kernels.Kernel):
                 raise ValueError(f"diag=True needs as many rows as columns; x1 and x2 give {tuple(K.shape)}")
             return K.diagonal()  # exact: squared Jacobian norms, or Θ(x1_i, x2_i) entries
         one = torch.ones((), dtype=K.dtype, device=K.device)
+        if self.preconditioner is None:
+            return ConstantMulLinearOperator(K, one)
         return ScaledNTKOperator(K, one, preconditioner_rank=self.preconditioner_rank, nystrom_cache=self._nystrom_cache)
 
 
