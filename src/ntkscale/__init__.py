@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
+from . import metrics
+from .gp import NegativeVarianceWarning, NTKClassifierGP, NTKGP, ggn_kernel
 from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator
 from .solvers import (
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceWarning",
     "FunctionSpaceNGD",
+    "NTKClassifierGP",
     "NTKGP",
     "NegativeVarianceWarning",
     "ggn_kernel",
@@ -40,6 +42,7 @@ __all__ = [
     "eigvalsh_extremes",
     "lanczos",
     "logdet",
+    "metrics",
     "solve",
     "spectral_density",
 ]
