@@ -64,10 +64,12 @@ def _dense_reference(net, X, Xt, s2):
     return mean, cov
 
 
-@pytest.mark.parametrize("C, s2", [(3, 1.0), (3, 0.05), (2, 10.0), (4, 0.5)])
-def test_covariance_matches_dense_weight_space(C, s2):
+@pytest.mark.parametrize(
+    "C, s2, solver", [(3, 1.0, "cg"), (3, 0.05, "cg"), (2, 10.0, "cg"), (4, 0.5, "cg"), (3, 1.0, "cholesky")]
+)
+def test_covariance_matches_dense_weight_space(C, s2, solver):
     net, X, y, Xt = _problem(C=C)
-    clf = nks.NTKClassifierGP(net, X, y, prior_scale=s2, tol=1e-12, rank=20, test_block=4)
+    clf = nks.NTKClassifierGP(net, X, y, prior_scale=s2, tol=1e-12, rank=20, test_block=4, exact_solver=solver)
     mean, cov = clf.predict_logits(Xt)
     mean_ref, cov_ref = _dense_reference(net, X, Xt, s2)
     assert mean.shape == (9, C) and cov.shape == (9, C, C)

@@ -71,6 +71,8 @@ class NTKClassifierGP:
         tol: relative residual tolerance of the PCG solves (default 1e-8 in float64, 1e-4 in
             float32).
         max_iter: cap on PCG iterations per solve.
+        exact_solver: ``"auto"`` (the kernel-only layer's cost model picks), ``"cg"`` or
+            ``"cholesky"`` (a tiled float64 factor of ``K_G + I/s²``).
         test_block: test points per block of the covariance computation (each block is one
             PCG solve with ``test_block · C`` right-hand sides).
         progress: tqdm bars over blocks of test points.
@@ -96,6 +98,7 @@ class NTKClassifierGP:
         rank: int | None = None,
         tol: float | None = None,
         max_iter: int | None = None,
+        exact_solver: str = "auto",
         test_block: int = 64,
         progress: bool = False,
         **operator_kwargs,
@@ -133,7 +136,7 @@ class NTKClassifierGP:
         self.posterior = KernelGP(
             self.kernel, torch.zeros(N * C, dtype=self.Theta.dtype, device=self.Theta.device),
             noise=1.0, prior_scale=prior_scale, preconditioner=preconditioner, rank=rank, tol=tol,
-            max_iter=max_iter, column_group=C, progress=progress,
+            max_iter=max_iter, exact_solver=exact_solver, column_group=C, progress=progress,
         )
 
     # -- hyperparameters ------------------------------------------------------------------------
@@ -183,8 +186,9 @@ class NTKClassifierGP:
         """Mean and covariance of the linearized predictive logits.
 
         ``mean = f(x*; θ*)`` and ``cov = J* (Σ_i J_iᵀ Λ_i J_i + I/s²)⁻¹ J*ᵀ`` per test point,
-        computed in function space: one PCG solve with ``test_block · C`` right-hand sides per
-        block of test points.
+        computed in function space: per block of test points, one PCG solve with
+        ``test_block · C`` right-hand sides, or (when cheaper) one triangular solve with a tiled
+        Cholesky factor of ``K_G + I/s²``.
 
         Args:
             X_test: test inputs.  # shape: (M, *in_shape)
@@ -200,6 +204,9 @@ class NTKClassifierGP:
         N = self.num_train
         cov = torch.empty(M, C, C, dtype=mean.dtype, device=mean.device)
         blocks = list(chunks(M, self.test_block))
+        # the kernel-only layer picks the route: a tiled Cholesky factor of K_G + I/s² when its
+        # cost model says the factor is cheaper than PCG for M·C right-hand sides
+        chol = self.posterior.cholesky(lam) if self.posterior.use_cholesky(M * C) else None
         for sl in tqdm(blocks, desc="logit covariances", disable=not self.progress, leave=False):
             Xb = X_test[sl]
             b = Xb.shape[0]
@@ -208,8 +215,12 @@ class NTKClassifierGP:
             prior = prior[idx, :, idx, :]  # shape: (b, C, C), the per-point blocks
             cross = to_dense(self._kernel(self.X, Xb)).reshape(N, C, b * C)  # Θ(X, X*)
             B = torch.bmm(S, cross).reshape(N * C, b * C)  # Λ^{1/2} Θ(X, X*)
-            Z, _ = self.posterior.solve(B, lam)  # (K_G + I/s²)⁻¹ B
-            quad = torch.einsum("nbc,nbd->bcd", B.reshape(N * C, b, C), Z.reshape(N * C, b, C))
+            if chol is not None:  # Bᵀ (K_G + I/s²)⁻¹ B = (L⁻¹ B)ᵀ (L⁻¹ B)
+                W = chol.solve_lower(B).to(B.dtype).reshape(N * C, b, C)
+                quad = torch.einsum("nbc,nbd->bcd", W, W)
+            else:
+                Z, _ = self.posterior.solve(B, lam)  # (K_G + I/s²)⁻¹ B by PCG
+                quad = torch.einsum("nbc,nbd->bcd", B.reshape(N * C, b, C), Z.reshape(N * C, b, C))
             blk = s2 * (prior - quad)
             cov[sl] = 0.5 * (blk + blk.mT)
         return mean, cov
