@@ -14,6 +14,8 @@ Layout (one concern per module):
   products.
 * :mod:`~ntkscale.gp.operators` — :class:`ColumnBlockedOperator` and the cost questions the
   algebra asks an operator (:func:`product_cost`, :func:`block_cost`).
+* :mod:`~ntkscale.gp.classification` — :class:`NTKClassifierGP`: linearized Laplace for a
+  softmax classifier (GGN kernel, probit / Monte Carlo predictive) over :class:`KernelGP`.
 * :mod:`~ntkscale.gp.ggn` — the GGN kernel ``Λ^{1/2} Θ Λ^{1/2}`` of a softmax likelihood.
 * :mod:`~ntkscale.gp.results` — the dataclasses the layer returns.
 
@@ -23,6 +25,7 @@ The Krylov machinery the algebra reuses across noise levels lives in :mod:`ntksc
 
 from __future__ import annotations
 
+from .classification import NTKClassifierGP
 from .ggn import GGNKernel, ggn_kernel
 from .inference import HyperparameterWarning, KernelGP, NegativeVarianceWarning
 from .ntkgp import NTKGP
@@ -37,6 +40,7 @@ __all__ = [
     "HyperparameterWarning",
     "Hyperparameters",
     "KernelGP",
+    "NTKClassifierGP",
     "NTKGP",
     "NegativeVarianceWarning",
     "PredictInfo",

@@ -69,7 +69,48 @@ class GGNKernel(LinearOperator):
         from linear_operator.operators import DenseLinearOperator
 
         rows = torch.arange(self.shape[0])[row_index].reshape(-1)
+        cols = torch.arange(self.shape[1])[col_index].reshape(-1)
+        if rows.numel() * cols.numel() <= self.shape[0] * max(rows.numel(), cols.numel()):
+            return DenseLinearOperator(self._explicit(rows, cols))
         return DenseLinearOperator(self._rows(rows)[..., col_index])
+
+    def _explicit(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``self[rows, cols]`` from the explicit block of ``Θ`` on the samples the indices touch:
+        ``S_I Θ[I, J] S_J`` (the block-diagonal roots mix only the C outputs of one sample), so
+        its cost is that of ``Θ``'s block, not of products with unit vectors."""
+        N, C, _ = self.S.shape
+        I, r_inv = torch.unique(torch.div(rows, C, rounding_mode="floor"), return_inverse=True)
+        J, c_inv = torch.unique(torch.div(cols, C, rounding_mode="floor"), return_inverse=True)
+        out_c = torch.arange(C)
+        Ri = (I.unsqueeze(-1) * C + out_c).reshape(-1)
+        Cj = (J.unsqueeze(-1) * C + out_c).reshape(-1)
+        if Ri.numel() == self.shape[0] and Cj.numel() == self.shape[1]:
+            block = to_dense(self.K)
+        elif torch.equal(Ri, torch.arange(int(Ri[0]), int(Ri[-1]) + 1)) and torch.equal(
+            Cj, torch.arange(int(Cj[0]), int(Cj[-1]) + 1)
+        ):  # contiguous samples: a slice (what tiled factorizations ask for)
+            block = to_dense(self.K[int(Ri[0]) : int(Ri[-1]) + 1, int(Cj[0]) : int(Cj[-1]) + 1])
+        else:
+            block = to_dense(self.K[Ri, :][:, Cj])
+        dev = self.S.device
+        block = block.to(dev).reshape(I.numel(), C, J.numel(), C)
+        block = torch.einsum("iac,icjd,jbd->iajb", self.S[I.to(dev)], block, self.S[J.to(dev)])
+        block = block.reshape(I.numel() * C, J.numel() * C)
+        return block[(r_inv * C + rows % C).to(dev)][:, (c_inv * C + cols % C).to(dev)]
+
+    def product_macs(self, k: int = 1) -> float:
+        """Multiply-adds of ``self @ V`` with ``k`` columns: ``Θ``'s product and two block products."""
+        from .operators import product_cost
+
+        N, C, _ = self.S.shape
+        return product_cost(self.K, k) + 2.0 * N * C * C * k
+
+    def block_macs(self, rows: int, cols: int) -> float:
+        """Multiply-adds of an explicit block: ``Θ``'s block and the roots on both sides."""
+        from .operators import block_cost
+
+        C = self.S.shape[-1]
+        return block_cost(self.K, rows, cols) + 2.0 * rows * cols * C
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         row_index, col_index = torch.broadcast_tensors(row_index, col_index)
