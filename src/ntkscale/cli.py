@@ -137,19 +137,47 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         )
         return 2
     ready = _available_experiments()
-    if args.name in ready:
-        mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
-        result = mod.run(quick=args.quick, out=args.out)
-        return int(result) if isinstance(result, int) else 0
-    print(
-        f"ntkscale experiment {args.name}: not available yet: this study is not implemented in "
-        f"ntkscale {_version()}.\n"
-        f"  studies available now: {', '.join(ready) if ready else 'none'}\n"
-        f"  planned: {', '.join(EXPERIMENTS)}\n"
-        f"  what runs now: `ntkscale demo` (NTK kernel regression on digits), `ntkscale info`",
-        file=sys.stderr,
-    )
-    return 2
+    if args.name not in ready:
+        print(
+            f"ntkscale experiment {args.name}: not available yet: this study is not implemented in "
+            f"ntkscale {_version()}.\n"
+            f"  studies available now: {', '.join(ready) if ready else 'none'}\n"
+            f"  what runs now: `ntkscale demo` (NTK kernel regression on digits), `ntkscale info`",
+            file=sys.stderr,
+        )
+        return 2
+    from .experiments import ExperimentError
+
+    mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
+    threads = None
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"ntkscale experiment: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+    try:
+        mod.run(
+            quick=args.quick,
+            out=args.out,
+            seed=args.seed,
+            device=args.device,
+            data_dir=args.data_dir,
+            fresh=args.fresh,
+            progress=not args.no_progress,
+            figures=not args.no_figure,
+        )
+    except ExperimentError as err:
+        print(f"ntkscale experiment {args.name}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return 0
 
 
 def _benchmark_scripts() -> list[str]:
@@ -231,10 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("experiment", help=f"run a study: {', '.join(EXPERIMENTS)}")
+    p = sub.add_parser(
+        "experiment",
+        help=f"run a study: {', '.join(EXPERIMENTS)}",
+        description=(
+            "Run a study's sweep: results.json (config, environment, rows) and PNG figures go to "
+            "--out, a table is printed. An interrupted sweep resumes where it stopped when run "
+            "again with the same --out. Without --quick the full preset runs, sized for one GPU."
+        ),
+    )
     p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--quick", action="store_true", help="the CPU preset (minutes)")
     p.add_argument("--out", default=None, help="output folder (default: results/NAME)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    p.add_argument("--data-dir", default=None, help="folder of data sets already on disk (MNIST, CIFAR-10)")
+    p.add_argument("--fresh", action="store_true", help="discard results already in --out and start over")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-figure", action="store_true", help="write no PNG (no matplotlib needed)")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("bench", help="run the benchmark suite")
