@@ -9,12 +9,15 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 * :func:`build_preconditioner` — ``"jacobi"``, ``"pivchol"``, ``"nystrom"``, reusable across solves.
 * :func:`lanczos`, :func:`eigvalsh_extremes`, :func:`condition_number` — Lanczos spectra.
 * :func:`logdet`, :func:`spectral_density` — stochastic Lanczos quadrature.
+* :class:`LanczosBasis`, :class:`StochasticLogdet` — one Lanczos run reused for every shift
+  ``K + λ I`` (and every rank up to the computed one): LOVE factors and SLQ log-determinants.
 * :mod:`settings` — ``max_cg_iterations`` / ``cg_tolerance`` context managers for defaults.
 """
 
 from . import settings
 from .cg import ConvergenceWarning, SolveInfo, solve
 from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
+from .krylov import LanczosBasis, LogdetEstimate, StochasticLogdet
 from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
 from .preconditioners import (
     PRECONDITIONERS,
@@ -31,11 +34,14 @@ __all__ = [
     "ConvergenceWarning",
     "EigvalshResult",
     "JacobiPreconditioner",
+    "LanczosBasis",
+    "LogdetEstimate",
     "NotPositiveDefiniteError",
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
     "Preconditioner",
     "SolveInfo",
+    "StochasticLogdet",
     "TiledCholesky",
     "build_preconditioner",
     "cholesky_bytes",
