@@ -45,6 +45,7 @@ bench: venv
 	$(PY) benchmarks/bench_kernel_space.py --device cpu --out results/bench/kernel_space.json $(BENCH_ARGS)
 	$(PY) benchmarks/bench_crossover.py --device cpu --out results/bench/crossover.json $(BENCH_ARGS)
 	$(PY) benchmarks/bench_memory.py --out results/bench/memory.json
+	$(PY) benchmarks/bench_distributed.py --out results/bench/distributed.json $(BENCH_ARGS)
 
 clean:
 	rm -rf results build dist .pytest_cache src/*.egg-info

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import kernels, models
+from . import distributed, kernels, models
 from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
 from .jacobian import JacobianDifference, JacobianDifferenceOperator, jacobian_difference_norm
 from .ngd import FunctionSpaceNGD, ngd_step
@@ -38,6 +38,7 @@ __all__ = [
     "NTKOperator",
     "NonDeterministicModelError",
     "SolveInfo",
+    "distributed",
     "__version__",
     "build_preconditioner",
     "condition_number",

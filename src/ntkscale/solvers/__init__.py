@@ -11,10 +11,12 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 * :func:`logdet`, :func:`spectral_density` — stochastic Lanczos quadrature.
 * :class:`LanczosBasis`, :class:`StochasticLogdet` — one Lanczos run reused for every shift
   ``K + λ I`` (and every rank up to the computed one): LOVE factors and SLQ log-determinants.
+* :func:`reductions` — inner products and norms over rows, summed over ranks for a sharded ``K``.
 * :mod:`settings` — ``max_cg_iterations`` / ``cg_tolerance`` context managers for defaults.
 """
 
 from . import settings
+from ._reduce import Reductions, reductions
 from .cg import ConvergenceWarning, SolveInfo, solve
 from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
 from .krylov import LanczosBasis, LogdetEstimate, StochasticLogdet
@@ -40,6 +42,7 @@ __all__ = [
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
     "Preconditioner",
+    "Reductions",
     "SolveInfo",
     "StochasticLogdet",
     "TiledCholesky",
@@ -49,6 +52,7 @@ __all__ = [
     "eigvalsh_extremes",
     "lanczos",
     "logdet",
+    "reductions",
     "settings",
     "solve",
     "spectral_density",

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import settings
+from ._reduce import reductions
 from ._utils import check_noise, check_operator, shifted_matmul
 from .preconditioners import build_preconditioner
 
@@ -127,9 +128,10 @@ def solve(
     """
     start = time.perf_counter()
     n = check_operator(K)
+    red = reductions(K)  # inner products and norms over all rows (all ranks of a sharded K)
     noise = check_noise(noise)
     tol = _check_tol(settings.cg_tolerance.value() if tol is None else tol)
-    max_iter = _check_max_iter(min(n, settings.max_cg_iterations.value()) if max_iter is None else max_iter)
+    max_iter = _check_max_iter(min(red.n, settings.max_cg_iterations.value()) if max_iter is None else max_iter)
     dtype, device = K.dtype, K.device
     B, vec = _check_rhs(rhs, n, "rhs")
     B = B.to(dtype=dtype, device=device)  # shape: (n, k)
@@ -147,7 +149,7 @@ def solve(
 
     matvecs = iterations = restarts = 0
     breakdown = roundoff = False
-    bnorm = torch.linalg.vector_norm(B, dim=0)  # shape: (k,)
+    bnorm = red.norm(B)  # shape: (k,)
     zero_col = bnorm == 0
     bnorm = torch.where(zero_col, torch.ones_like(bnorm), bnorm)
 
@@ -161,7 +163,7 @@ def solve(
         X = X0.to(dtype=dtype, device=device).clone()
         X[:, zero_col] = 0.0
         R = B - A(X)
-    rel = torch.linalg.vector_norm(R, dim=0) / bnorm  # shape: (k,), true relative residual
+    rel = red.norm(R) / bnorm  # shape: (k,), true relative residual
     done = rel <= tol
 
     bar = tqdm(total=max_iter, desc="CG", disable=not progress, leave=False)
@@ -171,20 +173,20 @@ def solve(
             # One PCG run from the current x on the unconverged columns.
             Z = Pinv(R[:, todo])  # shape: (n, t)
             D = Z.clone()  # search directions, shape: (n, t)
-            rz = (R[:, todo] * Z).sum(0)  # shape: (t,)
+            rz = red.dot(R[:, todo], Z)  # shape: (t,)
             act = torch.arange(todo.numel(), device=device)  # positions into todo still iterating
             while act.numel() and iterations < max_iter:
                 cols = todo[act]
                 Da = D[:, act]
                 ADa = A(Da)  # shape: (n, a)
-                dAd = (Da * ADa).sum(0)
+                dAd = red.dot(Da, ADa)
                 ok = dAd > 0
                 breakdown = breakdown or not bool(ok.all())
                 alpha = torch.where(ok, rz[act] / torch.where(ok, dAd, 1.0), 0.0)
                 X[:, cols] += alpha * Da
                 R[:, cols] -= alpha * ADa
                 iterations += 1
-                rec = torch.linalg.vector_norm(R[:, cols], dim=0) / bnorm[cols]
+                rec = red.norm(R[:, cols]) / bnorm[cols]
                 if progress:
                     bar.update(1)
                     bar.set_postfix(residual=f"{rec.max().item():.2e}")
@@ -194,14 +196,14 @@ def solve(
                     break
                 Ra = R[:, todo[act]]
                 Za = Pinv(Ra)
-                rz_new = (Ra * Za).sum(0)
+                rz_new = red.dot(Ra, Za)
                 beta = rz_new / rz[act]
                 D[:, act] = Za + beta * D[:, act]
                 rz[act] = rz_new
             # True residual of the columns just iterated: one batched product.
-            recursive = torch.linalg.vector_norm(R[:, todo], dim=0) / bnorm[todo]
+            recursive = red.norm(R[:, todo]) / bnorm[todo]
             R[:, todo] = B[:, todo] - A(X[:, todo])
-            new_rel = torch.linalg.vector_norm(R[:, todo], dim=0) / bnorm[todo]
+            new_rel = red.norm(R[:, todo]) / bnorm[todo]
             improved = bool((new_rel < 0.5 * rel[todo]).any())
             rel[todo] = new_rel
             done = rel <= tol

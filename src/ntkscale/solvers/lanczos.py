@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._reduce import reductions
 from ._utils import check_noise, check_operator, make_generator, shifted_matmul
 from .cg import ConvergenceWarning
 
@@ -39,10 +40,12 @@ class _LanczosProcess:
         self, K, V0: torch.Tensor, noise: float, gen: torch.Generator, reorthogonalize: bool, capacity: int
     ):
         self.K, self.noise, self.gen, self.reorth = K, noise, gen, reorthogonalize
-        self.n, self.b = V0.shape
+        self.red = reductions(K)  # sums over all rows (all ranks of a sharded K)
+        n_local, self.b = V0.shape
+        self.n = self.red.n
         self.eps = torch.finfo(V0.dtype).eps
-        q = V0 / torch.linalg.vector_norm(V0, dim=0)  # shape: (n, b)
-        self.Q = V0.new_empty(self.b, max(1, min(capacity, self.n)), self.n)  # shape: (b, cap, n)
+        q = V0 / self.red.norm(V0)  # shape: (n, b)
+        self.Q = V0.new_empty(self.b, max(1, min(capacity, self.n)), n_local)  # shape: (b, cap, n)
         self.Q[:, 0] = q.T
         self.alphas: list[torch.Tensor] = []  # each shape: (b,)
         self.betas: list[torch.Tensor] = []  # T's off-diagonal entries (0 at a restart), each (b,)
@@ -56,20 +59,20 @@ class _LanczosProcess:
         Qm = self.Q[:, lo:hi]  # shape: (b, j, n)
         Wt = W.mT.unsqueeze(-1)  # shape: (b, n, 1)
         for _ in range(2):
-            Wt = Wt - Qm.mT @ (Qm @ Wt)
+            Wt = Wt - Qm.mT @ self.red.sum(Qm @ Wt)
         return Wt.squeeze(-1).mT
 
     def step(self) -> None:
         m, Q = self.m, self.Q
         q = Q[:, m].T  # shape: (n, b)
         W = shifted_matmul(self.K, q, self.noise)  # shape: (n, b), one batched product
-        alpha = (q * W).sum(0)
+        alpha = self.red.dot(q, W)
         W = W - alpha * q
         if m > 0:
             W = W - self.betas[-1] * Q[:, m - 1].T
         if self.reorth:
             W = self._orthogonalize(W, 0, m + 1)
-        beta = torch.linalg.vector_norm(W, dim=0)
+        beta = self.red.norm(W)
         self.alphas.append(alpha)
         self.anorm = torch.maximum(self.anorm, alpha.abs() + beta)
         self.beta_last = beta
@@ -79,14 +82,14 @@ class _LanczosProcess:
             return
         small = beta <= 10 * math.sqrt(self.n) * self.eps * self.anorm
         if bool(small.any()):
-            fresh = torch.randn(W.shape, dtype=W.dtype, device=W.device, generator=self.gen) * small
+            fresh = self.red.randn(W.shape[1], self.gen, W.dtype, W.device) * small
             fresh = self._orthogonalize(fresh, 0 if self.reorth else max(0, m - 1), m + 1)
-            W = torch.where(small, fresh / torch.linalg.vector_norm(fresh, dim=0).clamp_min(self.eps), W)
+            W = torch.where(small, fresh / self.red.norm(fresh).clamp_min(self.eps), W)
             beta = torch.where(small, torch.zeros_like(beta), beta)
         q_next = W / torch.where(beta > 0, beta, torch.ones_like(beta))
         self.betas.append(beta)
         if self.m >= Q.shape[1]:  # grow the buffer
-            grown = Q.new_empty(self.b, min(2 * Q.shape[1], self.n), self.n)
+            grown = Q.new_empty(self.b, min(2 * Q.shape[1], self.n), Q.shape[2])
             grown[:, : Q.shape[1]] = Q
             self.Q = Q = grown
         Q[:, self.m] = q_next.T
@@ -107,7 +110,7 @@ def _check_num_iter(num_iter, n: int, what: str = "num_iter") -> int:
     return min(num_iter, n)
 
 
-def _check_start(v0, n: int, dtype, device) -> torch.Tensor:
+def _check_start(v0, n: int, dtype, device, red) -> torch.Tensor:
     if not torch.is_tensor(v0) or v0.dim() not in (1, 2) or v0.shape[0] != n:
         shape = tuple(v0.shape) if torch.is_tensor(v0) else type(v0).__name__
         raise ValueError(f"v0 must be a tensor of shape (n,) or (n, b) with n = {n}, got {shape}")
@@ -115,7 +118,7 @@ def _check_start(v0, n: int, dtype, device) -> torch.Tensor:
     V0 = V0.unsqueeze(-1) if V0.dim() == 1 else V0
     if not bool(torch.isfinite(V0).all()):
         raise ValueError("v0 contains NaN or inf")
-    if bool((torch.linalg.vector_norm(V0, dim=0) == 0).any()):
+    if bool((red.norm(V0) == 0).any()):
         raise ValueError("v0 has a zero column; start vectors must be nonzero")
     return V0
 
@@ -149,15 +152,16 @@ def lanczos(
         (b, m, m) and ``Q`` shape (b, n, m). ``Q`` is a view into the solver's buffer.
     """
     n = check_operator(K)
+    red = reductions(K)
     noise = check_noise(noise)
-    num_iter = _check_num_iter(num_iter, n)
+    num_iter = _check_num_iter(num_iter, red.n)
     gen = make_generator(seed, K.device)
     if v0 is None:
-        V0 = torch.randn(n, 1, dtype=K.dtype, device=K.device, generator=gen)
+        V0 = red.randn(1, gen, K.dtype, K.device)
         single = True
     else:
         single = v0.dim() == 1 if torch.is_tensor(v0) else False
-        V0 = _check_start(v0, n, K.dtype, K.device)
+        V0 = _check_start(v0, n, K.dtype, K.device, red)
     proc = _LanczosProcess(K, V0, noise, gen, reorthogonalize, capacity=num_iter)
     for _ in range(num_iter):
         proc.step()
@@ -244,7 +248,9 @@ def eigvalsh_extremes(
 def _extremes(K, k, noise, num_iter, tol, seed, relative_smallest: bool) -> EigvalshResult:
     """Lanczos until the requested Ritz bounds are below ``tol · |λ_max|`` (largest) and either
     ``tol · |λ_max|`` or, with ``relative_smallest``, ``tol · λ_min`` (smallest)."""
-    n = check_operator(K)
+    check_operator(K)
+    red = reductions(K)
+    n = red.n  # rows over all ranks of a sharded K
     noise = check_noise(noise)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer with 1 <= k <= n = {n}, got {k!r}")
@@ -259,7 +265,7 @@ def _extremes(K, k, noise, num_iter, tol, seed, relative_smallest: bool) -> Eigv
         return tol * scale.expand_as(large), t_small, small <= singular * scale
 
     gen = make_generator(seed, K.device)
-    V0 = torch.randn(n, 1, dtype=K.dtype, device=K.device, generator=gen)
+    V0 = red.randn(1, gen, K.dtype, K.device)
     proc = _LanczosProcess(K, V0, noise, gen, reorthogonalize=True, capacity=min(limit, 64))
     converged = False
     next_check = 5
@@ -310,7 +316,7 @@ def condition_number(K, noise: float = 0.0, **kwargs) -> float:
         K, 1, noise, kwargs.get("num_iter"), kwargs.get("tol", 1e-4), kwargs.get("seed", 0), relative_smallest=True
     )
     lmax, lmin = res.largest[0].item(), res.smallest[0].item()
-    if lmax <= 0 or lmin <= K.shape[-1] * torch.finfo(K.dtype).eps * lmax:
+    if lmax <= 0 or lmin <= reductions(K).n * torch.finfo(K.dtype).eps * lmax:
         return math.inf
     return lmax / lmin
 
@@ -321,13 +327,15 @@ def _slq_nodes(K, noise: float, num_probes: int, num_iter: int | None, seed: int
     Returns:
         ``(theta, weights)``, each of shape (num_probes, m); the weights of a probe sum to 1.
     """
-    n = check_operator(K)
+    check_operator(K)
+    red = reductions(K)
+    n = red.n
     noise = check_noise(noise)
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
     m = _check_num_iter(min(n, 100) if num_iter is None else num_iter, n)
     gen = make_generator(seed, K.device)
-    Z = torch.randint(0, 2, (n, num_probes), generator=gen, device=K.device).to(K.dtype) * 2 - 1
+    Z = red.rademacher(num_probes, gen, K.dtype, K.device)
     proc = _LanczosProcess(K, Z, noise, gen, reorthogonalize, capacity=m)
     for _ in range(m):
         proc.step()
@@ -365,7 +373,7 @@ def logdet(
         measures the probe noise only, not the quadrature error of too few iterations.
     """
     theta, weights = _slq_nodes(K, noise, num_probes, num_iter, seed, reorthogonalize)
-    n = K.shape[-1]
+    n = reductions(K).n
     logs = torch.log(theta.clamp_min(0))
     per_probe = n * torch.where(weights > 0, weights * logs, torch.zeros_like(logs)).sum(-1)  # shape: (b,)
     estimate = per_probe.mean().item()

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ._reduce import Reductions, reductions
 from ._utils import check_noise, check_operator, make_generator, rows, shifted_matmul
 
 __all__ = [
@@ -108,12 +109,13 @@ class _LowRankPreconditioner(Preconditioner):
     U: torch.Tensor  # shape: (n, r)
     inv_eig: torch.Tensor  # shape: (r,)
     inv_tail: float
+    red: Reductions | None = None  # sums over the rows of a sharded K; None: plain
 
     def apply(self, R: torch.Tensor) -> torch.Tensor:
         vec = R.dim() == 1
         if vec:
             R = R.unsqueeze(-1)
-        UtR = self.U.mT @ R  # shape: (r, k)
+        UtR = self.U.mT @ R if self.red is None else self.red.gram(self.U, R)  # shape: (r, k)
         out = self.inv_tail * R + self.U @ ((self.inv_eig - self.inv_tail).unsqueeze(-1) * UtR)
         return out.squeeze(-1) if vec else out
 
@@ -207,20 +209,22 @@ class NystromPreconditioner(_LowRankPreconditioner):
 
     def __init__(self, K, noise: float = 0.0, rank: int | None = None, seed: int = 0):
         start = time.perf_counter()
-        n = self.n = check_operator(K)
+        self.n = check_operator(K)
+        red = self.red = reductions(K)  # rows over all ranks of a sharded K
+        n = red.n
         self.noise = check_noise(noise)
         r = min(n, _check_rank(rank))
         dtype, device = K.dtype, K.device
         eps = torch.finfo(dtype).eps
         gen = make_generator(seed, device)
-        Omega = torch.randn(n, r, dtype=dtype, device=device, generator=gen)  # shape: (n, r)
-        Omega = torch.linalg.qr(Omega).Q
+        Omega = red.randn(r, gen, dtype, device)  # shape: (n, r)
+        Omega = red.orthonormal(Omega)
         Y = shifted_matmul(K, Omega, 0.0)  # shape: (n, r), the one product with K
-        nu = math.sqrt(n) * eps * torch.linalg.norm(Y).item()
+        nu = math.sqrt(n) * eps * red.frobenius(Y)
         nu = max(nu, torch.finfo(dtype).tiny)
         for _ in range(6):
             Y_nu = Y + nu * Omega  # shape: (n, r)
-            C = Omega.mT @ Y_nu  # shape: (r, r)
+            C = red.gram(Omega, Y_nu)  # shape: (r, r)
             chol, info = torch.linalg.cholesky_ex(0.5 * (C + C.mT))
             if int(info) == 0:
                 break
@@ -231,7 +235,7 @@ class NystromPreconditioner(_LowRankPreconditioner):
                 f"shift of {nu:.3g}; is K symmetric positive semi-definite?"
             )
         B = torch.linalg.solve_triangular(chol.mT, Y_nu, upper=True, left=False)  # B = Y_nu C⁻ᵀ
-        U, S, _ = torch.linalg.svd(B, full_matrices=False)  # shape: (n, r), (r,)
+        U, S, _ = red.thin_svd(B)  # shape: (n, r), (r,)
         lam = (S.square() - nu).clamp_min(0)  # shape: (r,), descending
         self.U, self.eigvals, self.shift_nu, self.rank = U, lam, nu, r
         self._set_noise(self.noise)
