@@ -6,6 +6,9 @@ Layout (one concern per module):
   variances, pathwise updates and evidences (GP and linearized-Laplace) and their maximization,
   for any square kernel ``LinearOperator`` with a cross-kernel operator and a test prior diagonal.
   It never sees a network.
+* :mod:`~ntkscale.gp.evidence` — the GP and linearized-Laplace evidences and their maximization
+  over ``(σ², s²)`` (a mixin of :class:`KernelGP`; :mod:`~ntkscale.gp.search` holds the grid
+  searches).
 * :mod:`~ntkscale.gp.ntkgp` — :class:`NTKGP`: the adapter from a trained network to operators
   (:class:`ntkscale.NTKOperator`), ``f(X)``, residuals and prior samples by Jacobian-vector
   products.
