@@ -11,7 +11,7 @@ feature vector for a context ``x ∈ R^d`` is the ``K·d`` vector that holds ``x
 arm.
 
 The policies here are references (tests and sanity checks); the learned policies live in
-:mod:`ntkscale.experiments.bandits`.
+:mod:`ntkscale.experiments._bandit_policy` and the study in :mod:`ntkscale.experiments.bandits`.
 """
 
 from __future__ import annotations
@@ -214,16 +214,20 @@ def run_policy(env: BanditEnvironment, policy: Policy, progress=None) -> BanditR
     return BanditRun(cumulative_regret=cum, arms=arms, seconds=time.perf_counter() - t0)
 
 
-def load_bandit_data(name: str, data_dir: str | Path | None = None) -> tuple[Tensor, Tensor]:
-    """A classification set as ``(X, labels)``: all samples, features standardized.
+DISK_DATASETS = ("mnist", "cifar10")
 
-    ``"digits"`` and ``"wine"`` come from scikit-learn (through :mod:`ntkscale.data`); any other
-    name is the file ``NAME.npz`` in ``data_dir`` holding ``X`` (N, …) and ``y`` (N,) integer
-    labels, or Keras' ``x_train``/``y_train`` layout (e.g. ``mnist.npz``). Inputs are flattened.
+
+def load_bandit_data(name: str, data_dir: str | Path | None = None, size: int = 2000) -> tuple[Tensor, Tensor]:
+    """A classification set as ``(X, labels)``, features standardized and flattened.
+
+    ``"digits"``, ``"wine"`` and ``"breast_cancer"`` come whole from scikit-learn (through
+    :mod:`ntkscale.data`); ``"mnist"`` and ``"cifar10"`` are ``size`` training images drawn (seed
+    0) from the files already under ``data_dir`` (:func:`ntkscale.data.find_on_disk`; nothing is
+    downloaded).
 
     Raises:
-        FileNotFoundError: ``NAME.npz`` is not in ``data_dir`` (or no ``data_dir`` was given).
-        ValueError: the file lacks the arrays.
+        FileNotFoundError: a disk data set without ``data_dir`` or not found under it.
+        ValueError: an unknown name.
     """
     from .. import data
 
@@ -231,28 +235,19 @@ def load_bandit_data(name: str, data_dir: str | Path | None = None) -> tuple[Ten
         n = {"digits": 1797, "wine": 178, "breast_cancer": 569}[name]
         ds = data.DATASETS[name](n_train=n, n_test=0, seed=0, one_hot=False)
         return ds.X_train, ds.y_train.long()
+    if name not in DISK_DATASETS:
+        raise ValueError(f"unknown bandit data set {name!r}; expected digits, wine, breast_cancer, mnist or cifar10")
     if data_dir is None:
-        raise FileNotFoundError(f"data set {name!r} is not built in (digits, wine); pass --data-dir with {name}.npz")
-    path = Path(data_dir) / f"{name}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    with np.load(path) as f:
-        keys = set(f.files)
-        if {"X", "y"} <= keys:
-            X, y = f["X"], f["y"]
-        elif {"x_train", "y_train"} <= keys:
-            X, y = f["x_train"], f["y_train"]
-        else:
-            raise ValueError(f"{path} must hold arrays 'X' and 'y' (or 'x_train' and 'y_train'); it has {sorted(keys)}")
-    X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
-    y = np.asarray(y).reshape(-1).astype(np.int64)
-    mu, sd = X.mean(0), X.std(0)
-    X = (X - mu) / np.where(sd > 1e-8, sd, 1.0)
-    return torch.from_numpy(X).float(), torch.from_numpy(y)
+        raise FileNotFoundError(f"{name} is read from files on disk; pass --data-dir (nothing is downloaded)")
+    loader = data.mnist if name == "mnist" else data.cifar10
+    ds = loader(data_dir, n_train=size, n_test=0, seed=0, one_hot=False)
+    return ds.X_train.reshape(size, -1), ds.y_train.long()
 
 
-def bandit_data_files(data_dir: str | Path | None) -> list[str]:
-    """Names of the ``NAME.npz`` files in ``data_dir`` (sorted; empty without a folder)."""
+def bandit_data_on_disk(data_dir: str | Path | None) -> list[str]:
+    """Which of :data:`DISK_DATASETS` are under ``data_dir`` (empty without a folder)."""
     if data_dir is None:
         return []
-    return sorted(p.stem for p in Path(data_dir).glob("*.npz"))
+    from ..data import find_on_disk
+
+    return [n for n in DISK_DATASETS if find_on_disk(n, data_dir) is not None]
