@@ -239,3 +239,34 @@ def test_unknown_method_is_refused(tmp_path):
         run_study(STUDY, out=tmp_path, overrides=dict(TINY, methods=["thompson"]), **_quiet())
     with pytest.raises(ValueError, match="method must be one of"):
         NeuralBandit("ucb", 6, 4, 10, _tiny_config())
+
+
+def _write_idx(path, array):
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+def test_full_preset_adds_the_data_sets_found_on_disk(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    res = run_study(STUDY, quick=False, out=tmp_path / "out", data_dir=tmp_path / "data", progress=False,
+                    figures=False, device="cpu", stream=io.StringIO(),
+                    overrides=dict(datasets=[], rounds={"mnist": 6}, widths=[4], seeds=1, methods=["laplace_ucb"],
+                                   train_steps=2, retrain_until=2, retrain_every=3))
+    assert res.results["config"]["datasets"] == ["mnist"] and res.results["config"]["data_found"] == ["mnist"]
+    (row,) = res.results["rows"]
+    assert row["dataset"] == "mnist" and len(row["cumulative_regret"]) == 6
+    X, y = load_bandit_data("mnist", tmp_path / "data", size=30)
+    assert X.shape == (30, 784) and y.shape == (30,)
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_bandit_data("mnist")
