@@ -23,7 +23,7 @@ training samples with ``C`` one-hot targets (``n = N·C`` rows of ``J``):
   distance they travelled (:func:`ntkscale.jacobian_difference_norm`, Lanczos on the matrix-free
   ``ΔJ ΔJᵀ``, float64).
 * ``loss_curves``: ``mean((f(X) − Y)²)`` over the ``N·C`` entries after each of ``steps`` steps of
-  function-space NGD (:func:`ntkscale.ngd_step`, ``lr = ngd_lr``, damping
+  function-space NGD (:func:`ntkscale.ngd_step`, ``lr = ngd_lr``, Jacobi-preconditioned CG, damping
   ``ngd_damping · λ_max``), gradient descent on ``(1/2n)‖f − Y‖²`` with the largest step the
   initial spectrum makes safe (``η = n / λ_max``), and Adam (``adam_lr``), all from the same
   initialization; ``final_loss`` their last values.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from ..jacobian import jacobian_difference_norm
 from ..models import CNN, MLP
 from ..ngd import ngd_step
 from ..operator import NTKOperator
-from ..solvers import eigvalsh_extremes
+from ..solvers import ConvergenceWarning, eigvalsh_extremes
 from .runner import Context, ExperimentError, Outcome, Study, new_figure, run_study, save_figure
 
 __all__ = ["ConditioningConfig", "QUICK", "FULL", "STUDY", "run", "spectrum", "build_model", "train_curves"]
@@ -173,10 +174,8 @@ def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int
     K = NTKOperator(model, X, dtype=torch.float64)
     n = K.shape[-1]
     iters = n if num_iter is None else min(num_iter, n)
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", ConvergenceWarning)
         res = eigvalsh_extremes(K, k=1, num_iter=iters, tol=1e-10, seed=seed)
     lmax, lmin = res.largest[0].item(), res.smallest[0].item()
     singular = lmin <= n * torch.finfo(torch.float64).eps * lmax
@@ -209,7 +208,7 @@ def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_ma
         loss (recorded as ``None``).
     """
     steps, n = config["steps"], Y.numel()
-    curves, params, cg_iters = {}, {}, []
+    curves, params, cg_iters, cg_warnings = {}, {}, [], 0
     gd_lr = n / lambda_max
     for name in OPTIMIZERS:
         net = copy.deepcopy(model)
@@ -221,8 +220,11 @@ def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_ma
             opt = torch.optim.Adam(net.parameters(), lr=config["adam_lr"])
         for _ in ctx.progress(range(steps), desc=name):
             if name == "ngd":
-                info = ngd_step(net, X, Y, lr=config["ngd_lr"], damping=config["ngd_damping"] * lambda_max,
-                                tol=1e-6, max_iter=1000)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    info = ngd_step(net, X, Y, lr=config["ngd_lr"], damping=config["ngd_damping"] * lambda_max,
+                                    tol=1e-5, max_iter=1000, preconditioner="jacobi")
+                cg_warnings += len(caught)
                 cg_iters.append(info.iterations)
                 loss = info.loss_after
             else:
@@ -236,7 +238,17 @@ def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_ma
             curve.append(loss)
         curves[name] = curve
         params[name] = {k: p.detach().clone() for k, p in net.named_parameters()}
-    return {"curves": curves, "params": params, "ngd_cg_iterations": cg_iters, "gd_lr": gd_lr}
+    return {"curves": curves, "params": params, "ngd_cg_iterations": cg_iters, "ngd_cg_warnings": cg_warnings,
+            "gd_lr": gd_lr}
+
+
+def _norm_ratio(net, X, params, theta0, config, notes: list) -> tuple[float, float]:
+    """``(‖ΔJ‖₂ / ‖θ − θ₀‖, ‖θ − θ₀‖)``; an unconverged Lanczos run (a lower bound) is noted."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        r = jacobian_difference_norm(net, X, params, theta0, num_iter=config["jacobian_iter"], tol=1e-2)
+    notes += [str(w.message) for w in caught]
+    return r.ratio, r.param_distance
 
 
 def stability_constant(model: nn.Module, X: Tensor, endpoints: dict, config: dict, ctx: Context) -> dict:
@@ -245,20 +257,22 @@ def stability_constant(model: nn.Module, X: Tensor, endpoints: dict, config: dic
     Everything in float64 (the difference of two Jacobians cancels most digits in float32).
 
     Returns:
-        ``{"value": C′, "trajectory": {opt: ratio}, "random": [ratios], "radius": r}``.
+        ``{"value": C′, "trajectory": {opt: ratio}, "random": [ratios], "radius": r,
+        "unconverged": count}`` — the count of ``‖ΔJ‖₂`` whose Lanczos run stopped at
+        ``jacobian_iter`` above its tolerance (their Ritz values are lower bounds).
     """
     net = copy.deepcopy(model).double()
     X = X.double()
     theta0 = {k: p.detach() for k, p in net.named_parameters()}
-    trajectory, dists = {}, []
+    trajectory, dists, notes = {}, [], []
     for name, params in endpoints.items():
         params = {k: v.double() for k, v in params.items()}
         if not all(torch.isfinite(v).all() for v in params.values()):
             continue
-        r = jacobian_difference_norm(net, X, params, theta0, num_iter=config["jacobian_iter"], tol=1e-2)
-        if r.param_distance > 0:
-            trajectory[name] = r.ratio
-            dists.append(r.param_distance)
+        ratio, dist = _norm_ratio(net, X, params, theta0, config, notes)
+        if dist > 0:
+            trajectory[name] = ratio
+            dists.append(dist)
     radius = max(dists) if dists else 1e-3 * math.sqrt(sum(p.square().sum().item() for p in theta0.values()))
     gen = ctx.generator(salt=1)
     random = []
@@ -266,10 +280,10 @@ def stability_constant(model: nn.Module, X: Tensor, endpoints: dict, config: dic
         u = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device) for k, p in theta0.items()}
         scale = radius / math.sqrt(sum(v.square().sum().item() for v in u.values()))
         params = {k: theta0[k] + scale * u[k] for k in theta0}
-        r = jacobian_difference_norm(net, X, params, theta0, num_iter=config["jacobian_iter"], tol=1e-2)
-        random.append(r.ratio)
+        random.append(_norm_ratio(net, X, params, theta0, config, notes)[0])
     values = list(trajectory.values()) + random
-    return {"value": max(values) if values else None, "trajectory": trajectory, "random": random, "radius": radius}
+    return {"value": max(values) if values else None, "trajectory": trajectory, "random": random, "radius": radius,
+            "unconverged": len(notes)}
 
 
 # -- the study -------------------------------------------------------------------------------------
@@ -314,6 +328,7 @@ def run_configuration(config: dict, configuration: dict, ctx: Context) -> Outcom
         "stability": stab,
         "gd_lr": train["gd_lr"],
         "ngd_cg_iterations": train["ngd_cg_iterations"],
+        "ngd_cg_warnings": train["ngd_cg_warnings"],
     }
     return Outcome(rows=[row], extras=extras)
 
@@ -324,10 +339,12 @@ def _series(rows, arch, p, depth, key):
     return [r["width"] for r in sel], [r[key] for r in sel]
 
 
-def _log_axes(ax, x: bool = True) -> None:
+def _log_axes(ax, x: bool = True, widths=None) -> None:
     """Log scales where the drawn data allow them (a panel of only singular points stays linear)."""
     if x and ax.has_data():
         ax.set_xscale("log", base=2)
+        if widths:
+            ax.set_xlim(min(widths) / 1.5, max(widths) * 1.5)
     ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=float).ravel()]
     if ys and min(ys) > 0:
         ax.set_yscale("log")
@@ -345,7 +362,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     styles = {"ntk": "-", "standard": "--"}
     paths = []
 
-    fig, axes, _ = new_figure(2, len(archs), figsize=(4.2 * len(archs), 6.0), squeeze=False)
+    fig, axes, _ = new_figure(2, len(archs), figsize=(4.2 * len(archs), 6.0), squeeze=False, layout="constrained")
     for j, arch in enumerate(archs):
         for i, (key, label) in enumerate((("lambda_min", "λ_min(JJᵀ)"), ("condition_number", "condition number"))):
             ax = axes[i][j]
@@ -361,7 +378,7 @@ def figures(results: dict, out: Path) -> list[Path]:
                     if zeros:  # singular Gram: drawn on the axis' bottom edge
                         ax.scatter(zeros, [0.02] * len(zeros), marker="x", color=f"C{d_i}", transform=ax.get_xaxis_transform(),
                                    clip_on=False)
-            _log_axes(ax)
+            _log_axes(ax, widths=[r["width"] for r in rows if r["architecture"] == arch])
             ax.set_xlabel("width" if arch == "mlp" else "channels")
             ax.set_title(f"{arch.upper()}: {label}", fontsize=9)
         axes[0][j].text(0.02, 0.04, "× on the axis: singular (λ_min = 0)", transform=axes[0][j].transAxes, fontsize=6)
@@ -369,7 +386,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     fig.suptitle(f"NTK Gram spectrum at initialization, {config['dataset']}, N = {rows[0]['num_samples']}", fontsize=9)
     paths.append(save_figure(fig, out / "conditioning_spectrum.png"))
 
-    fig, axes, _ = new_figure(1, len(archs), figsize=(4.2 * len(archs), 3.0), squeeze=False)
+    fig, axes, _ = new_figure(1, len(archs), figsize=(4.2 * len(archs), 3.2), squeeze=False, layout="constrained")
     for j, arch in enumerate(archs):
         ax = axes[0][j]
         for d_i, depth in enumerate(depths):
@@ -384,14 +401,14 @@ def figures(results: dict, out: Path) -> list[Path]:
             c0 = max(r["stability_constant"] for r in ntk if r["width"] == w0)
             ws = sorted({r["width"] for r in ntk})
             ax.plot(ws, [c0 * math.sqrt(w0 / w) for w in ws], color="0.5", ls=":", label="∝ 1/√width")
-        _log_axes(ax)
+        _log_axes(ax, widths=[r["width"] for r in rows if r["architecture"] == arch])
         ax.set_xlabel("width" if arch == "mlp" else "channels")
         ax.set_title(f"{arch.upper()}: C′ ≈ max ‖J(θ) − J(θ₀)‖₂ / ‖θ − θ₀‖", fontsize=9)
     axes[0][0].legend(fontsize=6)
     paths.append(save_figure(fig, out / "conditioning_stability.png"))
 
     depth = depths[len(depths) // 2]
-    fig, axes, _ = new_figure(len(archs), 2, figsize=(8.0, 2.8 * len(archs)), squeeze=False)
+    fig, axes, _ = new_figure(len(archs), 2, figsize=(8.0, 2.8 * len(archs)), squeeze=False, layout="constrained")
     colors = {"ngd": "C3", "gd": "C0", "adam": "C2"}
     for i, arch in enumerate(archs):
         sel = [r for r in rows if r["architecture"] == arch and r["depth"] == depth]

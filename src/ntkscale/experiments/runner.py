@@ -265,6 +265,13 @@ def configuration_seed(seed: int, configuration: Mapping) -> int:
     return zlib.crc32(f"{int(seed)}|{configuration_id(configuration)}".encode()) & 0x7FFFFFFF
 
 
+def _as_created(path: str) -> None:
+    """Give a ``mkstemp`` file (mode 0600) the permissions a plain ``open`` would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same folder, flushed
     and synced, then ``os.replace``. On any failure (including one while serializing) the old
@@ -278,6 +285,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
+        _as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -429,6 +437,7 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        _as_created(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
