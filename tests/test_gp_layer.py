@@ -155,12 +155,18 @@ def small():
 def test_samples_match_the_exact_posterior(small):
     noise, s2, S = 0.05, 2.0, 4000
     gp = NTKGP(small["model"], small["X"], small["y"], noise=noise, prior_scale=s2, backend="structured",
-               tol=1e-12, block_size=1000)
+               tol=1e-12, block_size=1000, exact_solver="cg")
     samples = gp.sample(small["Xt"], num_samples=S, seed=0)
     assert samples.shape == (S, 7, 2)
     info = gp.info
     assert info.num_samples == S and info.variance_relative_error == pytest.approx(math.sqrt(2 / S))
-    assert info.converged and len(info.solve_iterations) == 1  # one batched solve for all S
+    assert info.solver == "cg" and info.converged and len(info.solve_iterations) == 1  # one batched solve
+    # the same draws conditioned through the Cholesky factor (what "auto" picks at this size)
+    gp.exact_solver = "auto"
+    direct = gp.sample(small["Xt"], num_samples=50, seed=0)
+    assert gp.info.solver == "cholesky"
+    gp.exact_solver = "cg"
+    assert _rel(gp.sample(small["Xt"], num_samples=50, seed=0), direct) < 1e-8
     # dense reference posterior (explicit Jacobians)
     J, Js = small["J"], small["Js"]
     A = J @ J.T + noise / s2 * torch.eye(60, dtype=DT)

@@ -573,9 +573,9 @@ class KernelGP(EvidenceMixin):
 
         ``f*_post − mean = f* − K*X (K + λ I)⁻¹ (f_X + ε)`` for a joint prior sample ``(f_X, f*)``
         of the GP with kernel ``s² K`` and ``ε ~ N(0, σ² I)``: one PCG solve with all ``S``
-        right-hand sides (the cached preconditioner; the Cholesky factor instead when there is
-        one for this ``λ``), then one product with the cross-kernel — whatever the number of
-        test rows.
+        right-hand sides (the cached preconditioner), then one product with the cross-kernel —
+        whatever the number of test rows. The Cholesky factor replaces PCG when there is one
+        for this ``λ``, or when :meth:`use_cholesky` finds it cheaper for ``S`` columns.
 
         Args:
             Ksx: the cross-kernel.  # shape: (m, n)
@@ -599,11 +599,16 @@ class KernelGP(EvidenceMixin):
         lam = self.ridge
         rhs = (prior_train + noise_samples).to(self.K.dtype)
         t0 = time.perf_counter()
-        if self._chol is not None and self._chol[0] == key(lam):
-            Z = self._chol[1].solve(rhs).to(self.K.dtype)
+        if (self._chol is not None and self._chol[0] == key(lam)) or self.use_cholesky(S):
+            # a factor exists, or one is cheaper than S × iterations products (the same cost
+            # model as exact variances; exact_solver="cg" forces PCG)
+            chol = self.cholesky(lam)
+            info.solver, info.factor = "cholesky", chol.info
+            Z = chol.solve(rhs).to(self.K.dtype)
         else:
             Z, sinfo = solve(self.Kb, rhs, noise=lam, preconditioner=self.preconditioner(lam), tol=self.tol,
                              max_iter=self.max_iter, warn=False)
+            info.solver = "cg"
             info.solve_iterations.append(sinfo.iterations)
             info.converged = bool(sinfo.converged)
             info.max_residual = sinfo.residual_norm.max().item()
