@@ -143,6 +143,16 @@ def test_arm_variances_equal_the_dense_weight_space_posterior(method):
     torch.testing.assert_close(var, var_ref, rtol=1e-7, atol=1e-10)
     # the network's outputs f(x) are evaluated in float32 (the kernels in float64): ~1e-7 relative
     torch.testing.assert_close(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    # the variances went through PCG preconditioned by the grown Cholesky factor: one iteration
+    from linear_operator.operators import DenseLinearOperator
+
+    from ntkscale.gp import PredictInfo
+
+    post, info = pol.history.posterior(), PredictInfo(mode="exact")
+    Ksx = DenseLinearOperator((Ja @ Jh.T).detach())
+    v2 = post.variance(Ksx, (Ja * Ja).sum(1), mode="exact", solver="cg", info=info)
+    torch.testing.assert_close(v2, var_ref, rtol=1e-7, atol=1e-10)
+    assert info.solver == "cg" and info.converged and max(info.solve_iterations) <= 2
     if method == "neuralucb_grid":  # σ² = 1, s² = 1/λ: the variance is gᵀ Z⁻¹ g with Z = λI + Σ g gᵀ
         lam = pol.cfg["ridge"]
         Zinv = torch.linalg.inv(lam * torch.eye(P, dtype=torch.float64) + Jh.T @ Jh)
