@@ -44,7 +44,7 @@ def reward_norm_bound(env: BanditEnvironment, depth: int = 1, jitter: float = 1e
 
 
 def neuralucb_gamma(log_det_ratio: float, nu: float, delta: float, ridge: float, S: float) -> float:
-    """``γₜ = ν √(log det Zₜ/det λI − 2 log δ) + √λ S`` (Theorem 4.5 as ``m, J → ∞``)."""
+    """``γₜ = ν √(log det Zₜ/det λI − 2 log δ) + √λ S`` (NeuralUCB's γₜ as ``m, J → ∞``)."""
     return nu * math.sqrt(max(log_det_ratio, 0.0) - 2.0 * math.log(delta)) + math.sqrt(ridge) * S
 
 

@@ -15,10 +15,10 @@ Methods (each scores the K arms of a round and pulls the best score):
 * ``greedy`` — ``f(x; θ)``: no exploration.
 * ``neuralucb`` — NeuralUCB (Zhou, Li & Gu 2020, Algorithm 1): ``f(x; θ) + γₜ √(gᵀ Z⁻¹ g)`` with
   ``Z = λ I + Σᵢ gᵢ gᵢᵀ`` over the pulled arms' gradients (NTK parametrization: the paper's
-  ``g/√m``). ``γₜ`` is the theorem's (Theorem 4.5), in its wide-network limit (the ``m^{-1/6}``
-  terms and the ``(1 − ηmλ)^{J/2}`` training term vanish as ``m, J → ∞``):
+  ``g/√m``). ``γₜ`` is the one of its Algorithm 1 and regret theorem in the wide-network limit
+  (the ``m^{-1/6}`` terms and the ``(1 − ηmλ)^{J/2}`` training term vanish as ``m, J → ∞``):
 
-      γₜ = ν √(log det(Z_t)/det(λI) − 2 log δ) + √λ S
+      γₜ = ν √(log det(Zₜ)/det(λI) − 2 log δ) + √λ S
 
   with ``ν = 1/2`` (rewards in [0, 1] are ½-sub-Gaussian), ``δ = 0.1``, ``λ = 1`` (the theorem
   wants ``λ ≥ max(1, S⁻²)``), and ``S = √(2 hᵀ H⁻¹ h)``, the bound the theorem asks for,
@@ -46,6 +46,12 @@ history plus the arms and the arms; its dense ``(n + K) × K`` block gives the a
 against the history and among themselves. Between retrainings the history's Gram and Cholesky
 factor grow by the pulled arm's row (:class:`GrowingKernelHistory`); posterior means, variances
 and samples come from :class:`ntkscale.gp.KernelGP` with that factor as the PCG preconditioner.
+
+Presets: ``--quick`` — wine (150 rounds) and digits (300), widths 32 and 128, 2 seeds, a grid of
+3 γ: about 160 s of CPU time on one thread. Full — wine (178), digits (1500), MNIST/CIFAR-10
+(2000, when their files are under ``--data-dir``), widths 64 to 4096, 5 seeds, a grid of 5 γ,
+100 Adam steps per retraining: sized for one GPU (a few hours by the quick run's per-round costs;
+the kernels of width 4096 and the ``(n + K) × K`` blocks for n up to 2000 are small for it).
 
 Rows: ``{"dataset", "width", "method", "seed", "cumulative_regret": [per round],
 "final_regret", "seconds"}``. Figures: ``bandits_regret.png`` (mean cumulative regret ± standard
