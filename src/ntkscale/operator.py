@@ -194,13 +194,15 @@ class NTKOperator(LinearOperator):
         return hit
 
     def product_macs(self, k: int = 1) -> float:
-        """Estimated multiply-adds (over the backend's relative rate) of ``self @ V`` with ``k``
-        columns, from the cost model of ``backend="auto"`` (:mod:`ntkscale.backends.cost`)."""
+        """Estimated multiply-adds of ``self @ V`` with ``k`` columns, in GEMM-equivalents: the
+        cost model's seconds (:mod:`ntkscale.backends.cost`, setup spread over the products it
+        expects) times the device's GEMM rate, so they compare with :meth:`block_macs` and with
+        the multiply-adds of a dense factorization."""
         est = self._estimates()
-        per = est["cost"].get(self.backend)
-        if per is None:  # a backend the model does not price: a VJP and a JVP pass
-            per = 2.0 * (est["N1"] + est["N2"]) * self.num_params
-        return float(per) * k
+        seconds = est["cost"].get(self.backend)
+        if seconds is None:  # a backend the model does not price: a VJP and a JVP pass
+            return 2.0 * (est["N1"] + est["N2"]) * self.num_params * k
+        return float(seconds) * float(est["gemm_macs"]) * k
 
     def block_macs(self, rows: int, cols: int) -> float:
         """Estimated multiply-adds of an explicit block ``self[rows, cols].to_dense()``.
