@@ -115,7 +115,8 @@ def child(config: dict, out: str) -> None:
         rec = {"stage": name, "seconds": time.perf_counter() - t0, "maxrss_mib_so_far": _maxrss_mib(), **extra}
         result["stages"].append(rec)
         write_json(path, result)
-        shown = {k: v for k, v in extra.items() if not isinstance(v, (list, dict))}
+        shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in extra.items() if not isinstance(v, (list, dict)))
         print(f"{name:16s} {rec['seconds']:9.2f} s  rss {rec['maxrss_mib_so_far']:8.0f} MiB  {shown}", flush=True)
         return rec
 
@@ -188,7 +189,7 @@ def child(config: dict, out: str) -> None:
               max_relative_error=rel.max().item() if rel.numel() else None,
               fast_below_exact=int((f < e).sum()),
               exact_over_fast_time_per_point=(exact_rec["seconds"] / K) / (fast_sec / Xt.shape[0]),
-              prior_over_exact_median=((gp._operator(Xt[:K]).diagonal().reshape(K, -1) * gp.prior_scale)[pos]
+              prior_over_exact_median=((gp.kernel(Xt[:K]).diagonal().reshape(K, -1) * gp.prior_scale)[pos]
                                        / e[pos]).median().item())
     result["complete"] = True
     write_json(path, result)
