@@ -532,8 +532,21 @@ def run(args: argparse.Namespace) -> dict:
     return doc
 
 
+def _stop(signum, frame):
+    """Stopping this process stops the method running in its child too: never leave it running."""
+    import multiprocessing as mp
+
+    for child in mp.active_children():
+        child.kill()
+    sys.exit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.inline:
+        import signal
+
+        signal.signal(signal.SIGTERM, _stop)
     if args.report:
         doc = json.loads(Path(args.report).read_text())
     else:
