@@ -162,3 +162,28 @@ def mlp(widths, activation=torch.nn.ReLU) -> torch.nn.Sequential:
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [torch.nn.Linear(a, b), activation()]
     return torch.nn.Sequential(*layers[:-1])
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows of dicts as an aligned plain-text table (columns: the keys of the first row)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    print(format_table(rows, columns), flush=True)

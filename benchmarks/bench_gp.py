@@ -115,7 +115,8 @@ def child(config: dict, out: str) -> None:
         rec = {"stage": name, "seconds": time.perf_counter() - t0, "maxrss_mib_so_far": _maxrss_mib(), **extra}
         result["stages"].append(rec)
         write_json(path, result)
-        shown = {k: v for k, v in extra.items() if not isinstance(v, (list, dict))}
+        shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in extra.items() if not isinstance(v, (list, dict)))
         print(f"{name:16s} {rec['seconds']:9.2f} s  rss {rec['maxrss_mib_so_far']:8.0f} MiB  {shown}", flush=True)
         return rec
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from tqdm.auto import tqdm
 
-from _common import environment, mlp, peak_during, run_isolated, write_json
+from _common import environment, mlp, peak_during, print_table, run_isolated, write_json
 
 
 def _setup(n, widths):
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.n, args.widths = 200, [128, 256]
     doc = {"benchmark": "gram", "config": vars(args), "environment": environment(), "runs": []}
-    for w in args.widths:
+    for w in tqdm(args.widths, desc="bench gram", unit="width"):
         widths = [args.d_in, w, w, args.outputs]
         P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
         rec = {"width": w, "P": P, "jacobian_bytes": args.n * args.outputs * P * 4}
@@ -95,10 +96,23 @@ def main(argv=None) -> dict:
             rec["checksums_agree"] = abs(a["checksum"] - b["checksum"]) <= 1e-3 * abs(b["checksum"])
         doc["runs"].append(rec)
         write_json(args.out, doc)
-        print({k: rec.get(k) for k in ("width", "P", "speedup", "memory_ratio", "checksums_agree")},
-              "ntkscale:", {k: a.get(k) for k in ("seconds", "peak_growth_bytes", "status")},
-              "reference:", {k: b.get(k) for k in ("seconds", "peak_growth_bytes", "status")})
+    print_table([_row(r) for r in doc["runs"]])
     return doc
+
+
+def _row(rec: dict) -> dict:
+    a, b = rec["ntkscale"], rec["jacobian_contraction"]
+
+    def side(r):
+        if "seconds" not in r:
+            return r.get("status", "-"), "-"
+        return f"{r['seconds']:.3g}", f"{r['peak_growth_bytes'] / 2**20:.0f}"
+
+    (ta, ma), (tb, mb) = side(a), side(b)
+    return {"width": rec["width"], "P": rec["P"], "ntkscale s": ta, "ntkscale MiB": ma,
+            "torch.func s": tb, "torch.func MiB": mb,
+            "speedup": f"{rec['speedup']:.1f}x" if "speedup" in rec else "-",
+            "agree": rec.get("checksums_agree", "-")}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import argparse
 
 import torch
 
-from _common import environment, mlp, peak_during, run_isolated, write_json
+from tqdm.auto import tqdm
+
+from _common import environment, mlp, peak_during, print_table, run_isolated, write_json
 
 
 def measure(n: int, widths: list[int], backend: str) -> dict:
@@ -57,6 +59,10 @@ def measure_factors(n: int, widths: list[int], backend: str) -> dict:
     return rec
 
 
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
@@ -67,14 +73,19 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.factors:
         args.backend = args.backend or "structured"
-        runs = [run_isolated(measure_factors, n, args.widths, args.backend) for n in args.sizes]
-        doc = {"benchmark": "memory-factors", "config": vars(args), "environment": environment(), "runs": runs}
+        runs = [run_isolated(measure_factors, n, args.widths, args.backend)
+                for n in tqdm(args.sizes, desc="bench memory", unit="size")]
+        doc = {"benchmark": "memory-factors", "config": vars(args), "environment": environment(),
+               "runs": runs}
         write_json(args.out, doc)
-        for r in runs:
-            print({k: r.get(k) for k in ("N", "factor_bytes", "peak_growth_bytes", "peak_over_factor_bytes", "status")})
+        print_table([{"N": r.get("N"), "factor MiB": _mib(r.get("factor_bytes")),
+                      "peak growth MiB": _mib(r.get("peak_growth_bytes")),
+                      "peak / factors": r.get("peak_over_factor_bytes"), "status": r.get("status", "ok")}
+                     for r in runs])
         return doc
     args.backend = args.backend or "autodiff"
-    runs = [run_isolated(measure, n, args.widths, args.backend) for n in args.sizes]
+    runs = [run_isolated(measure, n, args.widths, args.backend)
+            for n in tqdm(args.sizes, desc="bench memory", unit="size")]
     doc = {"benchmark": "memory", "config": vars(args), "environment": environment(), "runs": runs}
     ok = [r for r in runs if "peak_beyond_vectors_bytes" in r]
     if len(ok) == len(runs) >= 2:
@@ -83,12 +94,15 @@ def main(argv=None) -> dict:
         both = [r["build_peak_growth_bytes"] + r["peak_beyond_vectors_bytes"] for r in (ok[0], ok[-1])]
         doc["build_plus_matvec_ratio_largest_over_smallest"] = both[1] / both[0]
     write_json(args.out, doc)
-    for r in runs:
-        print({k: r.get(k) for k in ("N", "chunk_size", "data_bytes", "build_peak_growth_bytes",
-                                     "peak_beyond_vectors_bytes", "seconds", "status")})
-    print("matvec ratio:", doc.get("ratio_largest_over_smallest"),
-          "build ratio:", doc.get("build_ratio_largest_over_smallest"),
-          "build+matvec ratio:", doc.get("build_plus_matvec_ratio_largest_over_smallest"))
+    print_table([{"N": r.get("N"), "chunk": r.get("chunk_size"), "data MiB": _mib(r.get("data_bytes")),
+                  "build peak MiB": _mib(r.get("build_peak_growth_bytes")),
+                  "matvec peak beyond vectors MiB": _mib(r.get("peak_beyond_vectors_bytes")),
+                  "seconds": r.get("seconds"), "status": r.get("status", "ok")} for r in runs])
+    for key, what in (("ratio_largest_over_smallest", "matvec"),
+                      ("build_ratio_largest_over_smallest", "build"),
+                      ("build_plus_matvec_ratio_largest_over_smallest", "build + matvec")):
+        if doc.get(key) is not None:
+            print(f"{what} peak ratio N={args.sizes[-1]} / N={args.sizes[0]}: {doc[key]:.2f}")
     return doc
 
 

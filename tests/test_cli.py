@@ -81,8 +81,42 @@ def test_demo_quick(tmp_path, capsys):
     assert torch.get_num_threads() >= 1
 
 
-def test_bench_runs_a_quick_preset(tmp_path):
-    """`ntkscale bench --quick --only matvec` runs the script and writes its JSON."""
+def test_bench_runs_a_quick_preset_with_progress_and_a_summary(tmp_path, capfd):
+    """`ntkscale bench --quick --only matvec` announces the suite as k of n, runs the script,
+    writes its JSON and ends with a table of suites, status and time."""
     assert main(["bench", "--quick", "--only", "matvec", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "matvec.json").read_text())
     assert doc["ratios"]["autodiff_1_over_train_step"] > 0
+    out = capfd.readouterr().out
+    assert "[1/1] matvec:" in out and "[1/1] matvec: ok in" in out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("suite"))
+    assert lines[head].split() == ["suite", "status", "time", "JSON"]
+    assert set(lines[head + 1].replace(" ", "")) == {"-"}
+    assert lines[head + 2].split()[:2] == ["matvec", "ok"]
+
+
+@pytest.mark.slow
+def test_bench_quick_prints_tables_not_dicts(tmp_path, capfd):
+    """The whole quick suite (minutes): every suite runs, and no script prints a raw dict."""
+    from ntkscale.cli import bench_suites
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    out = capfd.readouterr().out
+    n = len(bench_suites())
+    for k in range(1, n + 1):
+        assert f"[{k}/{n}]" in out
+    assert not [line for line in out.splitlines() if line.lstrip().startswith("{")]
+
+
+def test_bench_unknown_suite_is_refused_with_the_list(capsys):
+    """`ntkscale bench --only nosuch` names the known suites and exits non-zero, running nothing."""
+    from ntkscale.cli import bench_suites
+
+    assert main(["bench", "--only", "matvec", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "'nosuch'" in err and "'matvec'" not in err
+    suites = bench_suites()
+    assert {"matvec", "crossover", "gram", "auto"} <= set(suites)
+    for name in suites:
+        assert name in err

@@ -16,7 +16,7 @@ import sys
 from importlib import metadata
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "bench_suites"]
 
 EXPERIMENTS = ("regression1d", "conditioning", "bandits", "continual")
 
@@ -137,19 +137,47 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         )
         return 2
     ready = _available_experiments()
-    if args.name in ready:
-        mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
-        result = mod.run(quick=args.quick, out=args.out)
-        return int(result) if isinstance(result, int) else 0
-    print(
-        f"ntkscale experiment {args.name}: not available yet: this study is not implemented in "
-        f"ntkscale {_version()}.\n"
-        f"  studies available now: {', '.join(ready) if ready else 'none'}\n"
-        f"  planned: {', '.join(EXPERIMENTS)}\n"
-        f"  what runs now: `ntkscale demo` (NTK kernel regression on digits), `ntkscale info`",
-        file=sys.stderr,
-    )
-    return 2
+    if args.name not in ready:
+        print(
+            f"ntkscale experiment {args.name}: not available yet: this study is not implemented in "
+            f"ntkscale {_version()}.\n"
+            f"  studies available now: {', '.join(ready) if ready else 'none'}\n"
+            f"  what runs now: `ntkscale demo` (NTK kernel regression on digits), `ntkscale info`",
+            file=sys.stderr,
+        )
+        return 2
+    from .experiments import ExperimentError
+
+    mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
+    threads = None
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"ntkscale experiment: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+    try:
+        mod.run(
+            quick=args.quick,
+            out=args.out,
+            seed=args.seed,
+            device=args.device,
+            data_dir=args.data_dir,
+            fresh=args.fresh,
+            progress=not args.no_progress,
+            figures=not args.no_figure,
+        )
+    except ExperimentError as err:
+        print(f"ntkscale experiment {args.name}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return 0
 
 
 def _benchmark_scripts() -> list[str]:
@@ -160,36 +188,70 @@ def _benchmark_scripts() -> list[str]:
     return sorted(str(p) for p in root.glob("bench_*.py")) if root.is_dir() else []
 
 
+def bench_suites() -> dict[str, str]:
+    """The benchmark suites of this checkout: name (``bench_NAME.py``) -> script path."""
+    from pathlib import Path
+
+    return {Path(p).stem.removeprefix("bench_"): p for p in _benchmark_scripts()}
+
+
 # script stem -> arguments of its small preset (the memory benchmark has sizes instead)
 _BENCH_QUICK = {"memory": ["--sizes", "2000", "20000"]}
+_BENCH_DEVICE = ("matvec", "crossover", "kernel_space", "gp", "solvers")
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import subprocess
+    import time
     from pathlib import Path
 
-    scripts = _benchmark_scripts()
-    if not scripts:
+    suites = bench_suites()
+    if not suites:
         print(
             "ntkscale bench: the benchmarks live in benchmarks/ of the source repository; this "
             "installation has none (run `make bench` in a checkout)",
             file=sys.stderr,
         )
         return 2
-    wanted = set(args.only or [])
-    failed = []
-    for script in scripts:
-        name = Path(script).stem.removeprefix("bench_")
-        if wanted and name not in wanted:
-            continue
-        cmd = [sys.executable, script, "--out", f"{args.out}/{name}.json"]
+    wanted = list(dict.fromkeys(args.only or []))
+    unknown = [n for n in wanted if n not in suites]
+    if unknown:
+        print(
+            f"ntkscale bench: unknown suite{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; the suites are: {', '.join(suites)}",
+            file=sys.stderr,
+        )
+        return 2
+    chosen = [n for n in suites if not wanted or n in wanted]
+    rows = []
+    start = time.perf_counter()
+    for k, name in enumerate(chosen, 1):
+        script = suites[name]
+        out = f"{args.out}/{name}.json"
+        cmd = [sys.executable, script, "--out", out]
         if args.quick:
             cmd += _BENCH_QUICK.get(name, ["--quick"])
-        if args.device != "cpu" and name in ("matvec", "crossover", "kernel_space", "gp", "solvers"):
+        if args.device != "cpu" and name in _BENCH_DEVICE:
             cmd += ["--device", args.device]
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        if subprocess.run(cmd, cwd=Path(script).parents[1]).returncode != 0:
-            failed.append(name)
+        print(f"[{k}/{len(chosen)}] {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=Path(script).parents[1]).returncode
+        took = time.perf_counter() - t0
+        status = "ok" if rc == 0 else f"failed (exit {rc})"
+        print(f"[{k}/{len(chosen)}] {name}: {status} in {_fmt_seconds(took)}; "
+              f"{_fmt_seconds(time.perf_counter() - start)} so far\n", flush=True)
+        rows.append((name, status, _fmt_seconds(took), out if rc == 0 else "-"))
+    head = ("suite", "status", "time", "JSON")
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    print(f"ntkscale bench: {len(chosen)} suite{'s' if len(chosen) > 1 else ''} in "
+          f"{_fmt_seconds(time.perf_counter() - start)}")
+    for r in (head, tuple("-" * w for w in widths), *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    failed = [r[0] for r in rows if r[1] != "ok"]
     if failed:
         print(f"ntkscale bench: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -231,17 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("experiment", help=f"run a study: {', '.join(EXPERIMENTS)}")
+    p = sub.add_parser(
+        "experiment",
+        help=f"run a study: {', '.join(EXPERIMENTS)}",
+        description=(
+            "Run a study's sweep: results.json (config, environment, rows) and PNG figures go to "
+            "--out, a table is printed. An interrupted sweep resumes where it stopped when run "
+            "again with the same --out. Without --quick the full preset runs, sized for one GPU."
+        ),
+    )
     p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--quick", action="store_true", help="the CPU preset (minutes)")
     p.add_argument("--out", default=None, help="output folder (default: results/NAME)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
+    p.add_argument("--data-dir", default=None, help="folder of data sets already on disk (MNIST, CIFAR-10)")
+    p.add_argument("--fresh", action="store_true", help="discard results already in --out and start over")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-figure", action="store_true", help="write no PNG (no matplotlib needed)")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("bench", help="run the benchmark suite")
     p.add_argument("--device", default="cpu", help="device to benchmark on (default: cpu)")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
     p.add_argument("--quick", action="store_true", help="the small preset of every benchmark")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (e.g. matvec gram)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these suites (e.g. matvec gram; an unknown name lists the suites)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -17,15 +17,30 @@ Examples:
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "Dataset", "breast_cancer", "digits", "load", "regression1d", "wine"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "breast_cancer",
+    "cifar10",
+    "digits",
+    "find_on_disk",
+    "load",
+    "mnist",
+    "regression1d",
+    "wine",
+]
 
 _SKLEARN_HINT = "pip install 'ntkscale[experiments]'"
 
@@ -288,6 +303,156 @@ def regression1d(
         task="regression",
         num_classes=None,
     )
+
+
+# -- image data sets already on disk (torchvision's layouts; nothing is downloaded) ---------------
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _first_existing(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_on_disk(name: str, data_dir: str | os.PathLike) -> Path | None:
+    """The folder holding ``name`` (``"mnist"`` or ``"cifar10"``) under ``data_dir``, or ``None``.
+
+    Looked for in torchvision's layouts: MNIST's idx files (optionally gzipped) in
+    ``data_dir``, ``data_dir/raw`` or ``data_dir/MNIST/raw``; CIFAR-10's python batches in
+    ``data_dir`` or ``data_dir/cifar-10-batches-py``.
+    """
+    root = Path(data_dir).expanduser()
+    if name == "mnist":
+        for folder in (root, root / "raw", root / "MNIST" / "raw"):
+            if all(_first_existing(folder, f) for f in _MNIST_FILES["train"] + _MNIST_FILES["test"]):
+                return folder
+        return None
+    if name == "cifar10":
+        for folder in (root, root / "cifar-10-batches-py"):
+            if all((folder / f"data_batch_{i}").is_file() for i in range(1, 6)) and (folder / "test_batch").is_file():
+                return folder
+        return None
+    raise ValueError(f"find_on_disk knows 'mnist' and 'cifar10', got {name!r}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST's format): magic ``0 0 8 ndim``, big-endian int32 sizes, uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {raw[:4]!r})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} holds {data.size} bytes of data; its header says {dims}")
+    return data.reshape(dims)
+
+
+def _image_dataset(name, Xtr, ytr, Xte, yte, n_train, n_test, seed, one_hot, num_classes) -> Dataset:
+    """Random subsets of the official splits, scaled to [0, 1] and standardized by one scalar
+    mean and standard deviation of the training subset (per-pixel statistics would blow up
+    nearly constant border pixels)."""
+    if n_train < 1 or n_test < 0 or n_train > len(ytr) or n_test > len(yte):
+        raise ValueError(
+            f"{name} has {len(ytr)} training and {len(yte)} test images; asked for n_train={n_train}, n_test={n_test}"
+        )
+    gen = np.random.default_rng(seed)
+    tr = np.sort(gen.permutation(len(ytr))[:n_train])
+    te = np.sort(gen.permutation(len(yte))[:n_test])
+    Xtr = Xtr[tr].reshape(n_train, -1).astype(np.float32) / 255.0
+    Xte = Xte[te].reshape(n_test, -1).astype(np.float32) / 255.0
+    mu, sd = float(Xtr.mean()), float(Xtr.std()) or 1.0
+
+    def targets(labels: np.ndarray) -> Tensor:
+        t = torch.from_numpy(labels.astype(np.int64))
+        return torch.nn.functional.one_hot(t, num_classes).float() if one_hot else t
+
+    return Dataset(
+        name=name,
+        X_train=torch.from_numpy((Xtr - mu) / sd),
+        y_train=targets(ytr[tr]),
+        X_test=torch.from_numpy((Xte - mu) / sd),
+        y_test=targets(yte[te]),
+        task="classification",
+        num_classes=num_classes,
+    )
+
+
+def mnist(
+    data_dir: str | os.PathLike, n_train: int = 60_000, n_test: int = 10_000, seed: int = 0, one_hot: bool = True
+) -> Dataset:
+    """MNIST from files already on disk (torchvision's ``MNIST/raw`` idx files; nothing is downloaded).
+
+    Args:
+        data_dir: a folder holding the four idx files (see :func:`find_on_disk`).
+        n_train: images drawn at random (by ``seed``) from the 60,000 training images.
+        n_test: images drawn from the 10,000 test images.
+        seed: seed of the subsets.
+        one_hot: targets as one-hot float32 ``(N, 10)``; ``False`` gives int64 labels.
+
+    Returns:
+        A :class:`Dataset` with flat inputs ``(N, 784)`` (reshape to ``(N, 1, 28, 28)`` for a CNN).
+
+    Raises:
+        FileNotFoundError: the files are not under ``data_dir``.
+    """
+    folder = find_on_disk("mnist", data_dir)
+    if folder is None:
+        raise FileNotFoundError(
+            f"MNIST's idx files ({', '.join(_MNIST_FILES['train'] + _MNIST_FILES['test'])}, optionally .gz) "
+            f"are not in {data_dir} nor in its raw/ or MNIST/raw/; nothing is downloaded"
+        )
+    arrays = {
+        split: tuple(_read_idx(_first_existing(folder, f)) for f in files) for split, files in _MNIST_FILES.items()
+    }
+    (Xtr, ytr), (Xte, yte) = arrays["train"], arrays["test"]
+    return _image_dataset("mnist", Xtr, ytr, Xte, yte, n_train, n_test, seed, one_hot, 10)
+
+
+def cifar10(
+    data_dir: str | os.PathLike, n_train: int = 50_000, n_test: int = 10_000, seed: int = 0, one_hot: bool = True
+) -> Dataset:
+    """CIFAR-10 from files already on disk (the python batches of ``cifar-10-batches-py``).
+
+    Args:
+        data_dir: a folder holding ``data_batch_1`` … ``data_batch_5`` and ``test_batch``.
+        n_train: images drawn at random (by ``seed``) from the 50,000 training images.
+        n_test: images drawn from the 10,000 test images.
+        seed: seed of the subsets.
+        one_hot: targets as one-hot float32 ``(N, 10)``; ``False`` gives int64 labels.
+
+    Returns:
+        A :class:`Dataset` with flat inputs ``(N, 3072)`` in channel-major order (reshape to
+        ``(N, 3, 32, 32)`` for a CNN).
+
+    Raises:
+        FileNotFoundError: the files are not under ``data_dir``.
+    """
+    import pickle
+
+    folder = find_on_disk("cifar10", data_dir)
+    if folder is None:
+        raise FileNotFoundError(
+            f"CIFAR-10's python batches (data_batch_1..5, test_batch) are not in {data_dir} nor in its "
+            f"cifar-10-batches-py/; nothing is downloaded"
+        )
+
+    def batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        return np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
+
+    parts = [batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    Xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    Xte, yte = batch(folder / "test_batch")
+    return _image_dataset("cifar10", Xtr, ytr, Xte, yte, n_train, n_test, seed, one_hot, 10)
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

@@ -18,9 +18,11 @@ two CPU cores; later calls load the cached library.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -33,10 +35,13 @@ __all__ = [
     "extension_dir",
     "csrc_dir",
     "load_extension",
+    "is_built",
     "clear_cache",
     "ntk_reduce",
     "NTKReduceFunction",
 ]
+
+log = logging.getLogger("ntkscale")
 
 _EXT_NAME = "ntkscale_ntk_reduce"
 _lock = threading.Lock()
@@ -92,6 +97,31 @@ def csrc_dir() -> Path:
     return path
 
 
+def _library_name() -> str:
+    return _EXT_NAME + ("_cuda" if _want_cuda() else "")
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded, or its library is in :func:`extension_dir`, newer than
+    the sources and built from these sources (torch rebuilds when the build command changes,
+    e.g. sources in another folder): then :func:`load_extension` compiles nothing."""
+    if _module is not None:
+        return True
+    try:
+        src = csrc_dir()
+    except FileNotFoundError:
+        return False
+    build = extension_dir()
+    lib = build / f"{_library_name()}.so"
+    ninja_file = build / "build.ninja"
+    if not (lib.is_file() and ninja_file.is_file()):
+        return False
+    sources = [p for p in src.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
+    if any(p.stat().st_mtime > lib.stat().st_mtime for p in sources):
+        return False
+    return str(src / "ntk_reduce.cpp") in ninja_file.read_text(errors="replace")
+
+
 def load_extension(verbose: bool = False) -> ModuleType:
     """Compile (first call, or after a source change) and load the extension.
 
@@ -123,6 +153,14 @@ def load_extension(verbose: bool = False) -> ModuleType:
             cflags.append("-DWITH_CUDA")
             cuda_flags = ["-O3", "-DWITH_CUDA", "-lineinfo"]
             name = _EXT_NAME + "_cuda"
+        compiling = not is_built()
+        if compiling:
+            log.warning(
+                "ntkscale: compiling the kernel-space extension (%s) into %s; a one-off that "
+                "takes about half a minute on two CPU cores (later runs load it from there)",
+                ", ".join(Path(p).name for p in sources), build,
+            )
+        t0 = time.perf_counter()
         _module = cpp_extension.load(
             name=name,
             sources=sources,
@@ -132,6 +170,8 @@ def load_extension(verbose: bool = False) -> ModuleType:
             extra_include_paths=[str(src)],
             verbose=verbose,
         )
+        if compiling:
+            log.warning("ntkscale: compiled the kernel-space extension in %.1f s", time.perf_counter() - t0)
         return _module
 
 
