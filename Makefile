@@ -51,6 +51,7 @@ bench: venv
 
 # warnings are errors, as in tests/test_docs.py
 docs: venv
+	rm -rf docs/_build/html
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 	@echo "open docs/_build/html/index.html"
 
