@@ -95,7 +95,7 @@ def make_problem(cfg: dict) -> dict:
     V = torch.randn(cfg["n"] * cfg["outputs"], cfg["rhs"], dtype=dtype)
     import ntkscale as nks
 
-    mean_diag = nks.NTKOperator(model, X, backend="dense").diagonal().mean().item()
+    mean_diag = nks.NTKOperator(model, X).diagonal().mean().item()
     noise = cfg["noise_rel"] * cfg["prior_scale"] * mean_diag
     P = sum(p.numel() for p in model.parameters())
     return {"widths": widths, "state": model.state_dict(), "X": X, "y": y, "X_test": Xt, "V": V,
@@ -373,7 +373,10 @@ def table(doc: dict) -> str:
                 time_s = f"{t:.3g}" + (" / product" if task == "matvec" else "")
                 mem = f"{rec['peak_growth_bytes'] / 2**20:.0f}"
             diff = rec.get("difference", {}).get("rel_frobenius")
-            diff = "reference" if method == "dense_cholesky" else ("—" if diff is None else f"{diff:.1e}")
+            if method == "dense_cholesky":
+                diff = "reference" if status == "ok" else "—"
+            else:
+                diff = "—" if diff is None else f"{diff:.1e}"
             note = []
             if "backend" in rec:
                 note.append(f"backend {rec['backend']}")
@@ -473,7 +476,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=50)
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--timeout", type=float, default=300, help="seconds each method may run")
-    p.add_argument("--memory-limit-gib", type=float, default=8.0, help="address-space cap per method")
+    p.add_argument("--memory-limit-gib", type=float, default=6.0,
+                   help="address-space cap of every method's process (and of the set-up)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inline", action="store_true", help="run the methods in this process (tests)")
@@ -500,6 +504,9 @@ def run(args: argparse.Namespace) -> dict:
     """Make the problem, run every method of every task, compare the answers; returns the doc."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_limit_gib and not args.inline:  # the problem set-up stays within the cap too
+        cap = int(args.memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     cfg = {k: v for k, v in vars(args).items() if k not in ("report",)}
     env = {**environment(), "cpu_model": _cpu_model(),
            "load_average_1_5_15min_at_start": list(os.getloadavg())}

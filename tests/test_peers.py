@@ -74,3 +74,15 @@ def test_table_and_figure(single_output, tmp_path):
     png = tmp_path / "peers.png"
     bench_peers.figure(doc, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeouts_are_recorded_as_results(tmp_path):
+    """A method that runs past ``--timeout`` is a ``timeout`` result; the run goes on and ends."""
+    out = tmp_path / "peers_timeout.json"
+    args = [a for a in TINY if a != "--inline"] + ["--outputs", "1", "--tasks", "matvec",
+                                                   "--timeout", "0.05", "--out", str(out)]
+    assert bench_peers.main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"]
+    assert {rec["status"] for rec in doc["results"]["matvec"].values()} == {"timeout"}
+    assert "timeout" in bench_peers.table(doc)
