@@ -189,7 +189,7 @@ def child(config: dict, out: str) -> None:
               max_relative_error=rel.max().item() if rel.numel() else None,
               fast_below_exact=int((f < e).sum()),
               exact_over_fast_time_per_point=(exact_rec["seconds"] / K) / (fast_sec / Xt.shape[0]),
-              prior_over_exact_median=((gp._operator(Xt[:K]).diagonal().reshape(K, -1) * gp.prior_scale)[pos]
+              prior_over_exact_median=((gp.kernel(Xt[:K]).diagonal().reshape(K, -1) * gp.prior_scale)[pos]
                                        / e[pos]).median().item())
     result["complete"] = True
     write_json(path, result)

@@ -70,11 +70,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     gp.noise = args.noise_rel[0] * mean_diag
     _, check_fast = gp.predict(Xt, mode="fast")  # builds the basis with max(ranks) steps
-    _, T, Q = gp._basis
-    Ksx = gp._operator(Xt, gp.X)
-    Z = torch.cat([(Ksx @ Q[:, sl].contiguous()).detach() for sl in
+    basis = gp.posterior.lanczos_basis()
+    T, Q = basis.T, basis.Q
+    Ksx = gp.kernel(Xt, gp.X)
+    Z = torch.cat([(Ksx @ Q[:, sl].to(Ksx.dtype).contiguous()).detach() for sl in
                    (slice(s, s + 64) for s in range(0, Q.shape[1], 64))], dim=1).double()  # (M C, m)
-    prior = gp._operator(Xt).to(torch.float64).diagonal().detach()
+    prior = gp.kernel(Xt).to(torch.float64).diagonal().detach()
     doc["lanczos_steps"] = T.shape[0]
     doc["basis_seconds"] = time.perf_counter() - t0
     doc["mean_diag"] = mean_diag
@@ -89,8 +90,8 @@ def main(argv=None) -> int:
         exact_seconds = time.perf_counter() - t0
         for r in args.ranks:
             m = min(r, T.shape[0])
-            R = gp._lanczos_cache(lam, r)  # the library's fast-variance cache, Q[:, :m] W
-            W = (Q[:, :m].mT @ R).double()
+            R = gp.posterior.fast_factor(lam, r)  # the library's fast-variance factor, Q[:, :m] W
+            W = (Q[:, :m].mT @ R).double()  # float64 basis
             fast = (prior - (Z[:, :m] @ W).square().sum(1)).clamp_min(0) * gp.prior_scale
             pos = exact > 0
             err = (fast[pos] - exact[pos]).abs() / exact[pos]

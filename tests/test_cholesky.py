@@ -173,9 +173,10 @@ def test_gp_factor_on_disk_and_reused(kernel, tmp_path):
 def test_gp_auto_picks_the_cheaper_path(monkeypatch):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)  # P = 17
-    X = torch.randn(200, 2, dtype=DT)
+    X = torch.randn(2000, 2, dtype=DT)
     gp = NTKGP(model, X, torch.sin(X[:, :1]), noise=0.1, backend="structured")
-    # n = 200: factor 200³/3 + 200² per column; PCG 100 iterations x 2 N P = 6.8e5 per column
+    # n = 2000: factor 2000³/3 (x2 in float64) + 2000² per column ≈ 5e9; PCG 100 iterations of
+    # a product the cost model prices at a few 1e6 GEMM-equivalent multiply-adds, per column
     assert not gp.use_cholesky(1)
     assert gp.use_cholesky(50)
     _, var = gp.predict(torch.randn(3, 2, dtype=DT))

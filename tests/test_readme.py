@@ -52,3 +52,35 @@ def test_readme_uncertainty_example_runs(capsys):
     assert bool((var >= 0).all()) and bool((var_f >= var - 1e-4).all())  # fast ones are upper bounds
     assert ns["kappa"] > 1 and ns["top"].shape == (3,)
     assert ns["info"].loss_after < ns["info"].loss_before
+
+
+def _section_code(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    section = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## )", text, flags=re.M | re.S)
+    assert section is not None, f"README.md has no '## {title}' section"
+    return re.search(r"```python\n(.*?)```", section.group(1), flags=re.S).group(1)
+
+
+def test_readme_classification_example_runs(capsys):
+    ns: dict = {"__name__": "__readme__"}
+    exec(compile(_section_code("Classification"), str(README) + ":Classification", "exec"), ns)
+    mean, cov, p_probit, p_mc = ns["mean"], ns["cov"], ns["p_probit"], ns["p_mc"]
+    assert mean.shape == (50, 3) and cov.shape == (50, 3, 3)
+    for p in (p_probit, p_mc):
+        assert torch.allclose(p.sum(-1), torch.ones(50), atol=1e-5)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_readme_gpytorch_example_runs(capsys):
+    ns: dict = {"__name__": "__readme__"}
+    exec(compile(_section_code("GPyTorch"), str(README) + ":GPyTorch", "exec"), ns)
+    assert ns["pred"].mean.shape == (30,) and bool((ns["pred"].variance > 0).all())
+    assert capsys.readouterr().out.strip()
+
+
+def test_readme_metrics_example_runs(capsys):
+    ns: dict = {"__name__": "__readme__"}
+    exec(compile(_section_code("Metrics"), str(README) + ":Metrics", "exec"), ns)
+    out = capsys.readouterr().out.split()
+    assert out[0] == "0.6666666666666666"  # two of three right
+    assert out[-1] == "0.75"  # |y| <= 1.96 for three of four

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from . import distributed, kernels, models, settings
-from .gp import NegativeVarianceWarning, NTKGP, ggn_kernel
+from . import distributed, kernels, metrics, models, settings
+from .gp import NegativeVarianceWarning, NTKClassifierGP, NTKGP, ggn_kernel
 from .jacobian import JacobianDifference, JacobianDifferenceOperator, jacobian_difference_norm
 from .ngd import FunctionSpaceNGD, ngd_step
 from .operator import NonDeterministicModelError, NTKOperator, SmallChunkWarning
@@ -32,6 +32,7 @@ __all__ = [
     "FunctionSpaceNGD",
     "JacobianDifference",
     "JacobianDifferenceOperator",
+    "NTKClassifierGP",
     "NTKGP",
     "NegativeVarianceWarning",
     "ggn_kernel",
@@ -52,6 +53,7 @@ __all__ = [
     "lanczos",
     "logdet",
     "models",
+    "metrics",
     "solve",
     "spectral_density",
 ]

@@ -179,6 +179,99 @@ class NTKOperator(LinearOperator):
         """The cost model's estimates behind ``backend="auto"`` (empty for an explicit backend)."""
         return dict(self._st.choice)
 
+    def _estimates(self) -> dict:
+        """The cost model's estimates for this operator (computed once per operator)."""
+        st = self._st
+        if "cost" in st.choice:
+            return st.choice
+        hit = st.cache.get("cost-estimate")
+        if hit is None:
+            from .backends.cost import estimate
+
+            hit = estimate(st.fm, self.params, self.fixed, self.X1, self.X2, st.square, st.memory_budget,
+                           st.factor_budget)
+            st.cache["cost-estimate"] = hit
+        return hit
+
+    def product_macs(self, k: int = 1) -> float:
+        """Estimated multiply-adds of ``self @ V`` with ``k`` columns, in GEMM-equivalents: the
+        cost model's seconds (:mod:`ntkscale.backends.cost`, setup spread over the products it
+        expects) times the device's GEMM rate, so they compare with :meth:`block_macs` and with
+        the multiply-adds of a dense factorization."""
+        est = self._estimates()
+        seconds = est["cost"].get(self.backend)
+        if seconds is None:  # a backend the model does not price: a VJP and a JVP pass
+            return 2.0 * (est["N1"] + est["N2"]) * self.num_params * k
+        return float(seconds) * float(est["gemm_macs"]) * k
+
+    def block_macs(self, rows: int, cols: int) -> float:
+        """Estimated multiply-adds of an explicit block ``self[rows, cols].to_dense()``.
+
+        The structured family builds blocks by GEMMs over the per-layer factors, about
+        ``rows · cols · Σ_l o_l + (rows/C)(cols/C) · Σ_l d_l``; other backends (and layers the
+        factors do not cover) go through explicit Jacobians, no cheaper than products: ``inf``.
+        """
+        est = self._estimates()
+        layers = est["layers"]
+        if (
+            self.backend not in ("structured", "keops", "cuda")
+            or not layers
+            or est["unstructured_params"]
+            or any(L != 1 for L, _, _ in layers)
+        ):
+            return float("inf")
+        C = self.num_outputs
+        return rows * cols * sum(o for _, _, o in layers) + rows * cols / C**2 * sum(d + 1 for _, d, _ in layers)
+
+    def jvp(self, tangents: Tensor) -> Tensor:
+        """``J(X1) U``: Jacobian-vector products with parameter-space tangents, batched.
+
+        Args:
+            tangents: one column per tangent, rows in the order of :attr:`params` flattened.
+                # shape: (P,) or (P, k)
+
+        Returns:
+            Rows ordered (sample, output) like the operator's.  # shape: (rows,) or (rows, k)
+        """
+        from .backends.base import _unflatten
+
+        P = self.num_params
+        if not torch.is_tensor(tangents) or tangents.dim() not in (1, 2) or tangents.shape[0] != P:
+            shape = tuple(tangents.shape) if torch.is_tensor(tangents) else type(tangents).__name__
+            raise ValueError(f"tangents must have shape ({P},) or ({P}, k) (P parameters), got {shape}")
+        vec = tangents.dim() == 1
+        T = (tangents.unsqueeze(-1) if vec else tangents).to(dtype=self.dtype, device=self.device)
+        st = self._st
+        out = st.backend.jvp(self._data(), self.X1, _unflatten(T.mT.contiguous(), self.params))  # (N1, C, k)
+        out = out.reshape(-1, T.shape[1]).detach()
+        if st.rows is not None:
+            out = out[st.rows.to(out.device)]
+        return out.squeeze(-1) if vec else out
+
+    def _carry_cache(self, X1: Tensor, X2: Tensor, square: bool) -> dict:
+        """The cache of a slice or transpose: the entries of data sides it shares with this one
+        (per-layer factors, their sizes, the diagonal) carry over, so slicing a cross-kernel
+        into blocks never recomputes the factors of an unchanged side."""
+        old, new = self._st.cache, {}
+        for name in ("layout", "dense-layers"):
+            if name in old:
+                new[name] = old[name]
+        data = self._data()
+        sig1 = data.signature(X1)
+        sig2 = sig1 if square else data.signature(X2)
+        for side in ("factors1", "factors2"):
+            for suffix in ("", "-bytes"):
+                entry = old.get(side + suffix)
+                if entry is None:
+                    continue
+                if entry[0] == sig1:
+                    new["factors1" + suffix] = entry
+                if not square and entry[0] == sig2:
+                    new["factors2" + suffix] = entry
+        if square and "diag" in old and old["diag"][0] == sig1:
+            new["diag"] = old["diag"]
+        return new
+
     def with_backend(self, backend: str) -> "NTKOperator":
         """The same kernel computed by another backend (not ``"auto"``).
 
@@ -256,7 +349,8 @@ class NTKOperator(LinearOperator):
         st = self._st
         if st.square and _same_index(st.rows, st.cols):
             return self
-        state = replace(st, rows=st.cols, cols=st.rows, square=False, cache={})
+        state = replace(st, rows=st.cols, cols=st.rows, square=False,
+                        cache=self._carry_cache(self.X2, self.X1, False))
         return NTKOperator(self.X2, self.X1, *self.params, *self.fixed, _state=state)
 
     def matmul(self, other):
@@ -310,10 +404,11 @@ class NTKOperator(LinearOperator):
         cols = _compose(st.cols, self.X2.shape[0] * C, col_index)
         X1, new_rows = _compact(self.X1, rows, C)
         if st.square and torch.equal(rows, cols):
-            state = replace(st, rows=new_rows, cols=new_rows, cache={})
+            state = replace(st, rows=new_rows, cols=new_rows, cache=self._carry_cache(X1, X1, True))
             return NTKOperator(X1, X1, *self.params, *self.fixed, _state=state)
         X2, new_cols = _compact(self.X2, cols, C)
-        state = replace(st, rows=new_rows, cols=new_cols, square=False, cache={})
+        state = replace(st, rows=new_rows, cols=new_cols, square=False,
+                        cache=self._carry_cache(X1, X2, False))
         return NTKOperator(X1, X2, *self.params, *self.fixed, _state=state)
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:

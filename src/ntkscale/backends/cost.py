@@ -493,6 +493,7 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
     cost = {b: setup[b] / EXPECTED_PRODUCTS + product[b] for b in product}
     return {"cost": cost, "setup_s": setup, "product_s": product, "memory": memory,
             "cannot_run": cannot, "P": P, "C": C, "N1": N1, "N2": N2, "device": dev,
+            "gemm_macs": r.gemm_macs,
             "chunk_size": chunk_size, "forward_macs": F, "after_rest_macs": prof.after_rest_macs,
             "activation_bytes": prof.activation_bytes, "calls": prof.calls,
             "layers": [(L, d, o) for L, d, o, _, _ in prof.layers],

@@ -10,6 +10,8 @@ Everything here uses only ``K @ V`` (batched over columns), ``K.diagonal()``, a 
 * :func:`lanczos`, :func:`eigvalsh_extremes`, :func:`condition_number` — Lanczos spectra.
 * :func:`logdet`, :func:`spectral_density` — stochastic Lanczos quadrature.
 * :func:`reductions` — inner products and norms over rows, summed over ranks for a sharded ``K``.
+* :class:`LanczosBasis`, :class:`StochasticLogdet` — one Lanczos run reused for every shift
+  ``K + λ I`` (and every rank up to the computed one): LOVE factors and SLQ log-determinants.
 * :mod:`settings` — ``max_cg_iterations`` / ``cg_tolerance`` context managers for defaults.
 """
 
@@ -17,6 +19,7 @@ from . import settings
 from ._reduce import Reductions, reductions
 from .cg import ConvergenceWarning, SingularKernelError, SolveInfo, solve
 from .cholesky import CholeskyInfo, NotPositiveDefiniteError, TiledCholesky, cholesky_bytes
+from .krylov import LanczosBasis, LogdetEstimate, StochasticLogdet
 from .lanczos import EigvalshResult, condition_number, eigvalsh_extremes, lanczos, logdet, spectral_density
 from .preconditioners import (
     PRECONDITIONERS,
@@ -33,6 +36,8 @@ __all__ = [
     "ConvergenceWarning",
     "EigvalshResult",
     "JacobiPreconditioner",
+    "LanczosBasis",
+    "LogdetEstimate",
     "NotPositiveDefiniteError",
     "NystromPreconditioner",
     "PivotedCholeskyPreconditioner",
@@ -40,6 +45,7 @@ __all__ = [
     "Reductions",
     "SingularKernelError",
     "SolveInfo",
+    "StochasticLogdet",
     "TiledCholesky",
     "build_preconditioner",
     "cholesky_bytes",

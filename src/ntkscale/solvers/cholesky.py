@@ -297,10 +297,15 @@ class TiledCholesky:
                     panel[r0 - s : r1 - s].addmm_(self._rows(k, r0, r1), Ljk.mT, alpha=-1.0)
             L, err = torch.linalg.cholesky_ex(panel[:t])
             if int(err) != 0:
+                hint = (
+                    "add noise (the factor is float64 already; a kernel computed in float32 carries "
+                    "its round-off into the factor: build the operator with dtype=torch.float64)"
+                    if self.dtype == torch.float64
+                    else "add noise, or factor in float64 (dtype=torch.float64)"
+                )
                 raise NotPositiveDefiniteError(
                     f"K + {self.noise:.3g} I is not positive definite in {self.dtype} (the Cholesky "
-                    f"factorization of tile {j} failed at its row {int(err)}): add noise, or factor "
-                    "in float64 (dtype=torch.float64)"
+                    f"factorization of tile {j} failed at its row {int(err)}): {hint}"
                 )
             panel[:t] = L
             if t < panel.shape[0]:
