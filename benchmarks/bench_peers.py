@@ -26,7 +26,7 @@ laplace-torch's and ntkscale's predictive means are defined differently (laplace
 predictive mean is the network's output; NTKGP's is the GP posterior mean), so only variances
 are compared.
 
-Needs the ``[peers]`` extra (``make peers`` installs it without touching torch). Usage:
+Needs the ``[peers]`` extra (``make peers-install`` installs it without touching torch). Usage:
 
     python benchmarks/bench_peers.py --out benchmarks/results/cpu/peers.json \\
         --figure docs/figures/peers_cpu.png

@@ -48,6 +48,10 @@ myst_enable_extensions = ["dollarmath"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": True}
+# Type hints name classes unqualified (``Preconditioner``, ``NTKOperator``); such a name matches
+# the class where it is defined and the package's entry for the same class (see _aliases), and
+# Sphinx links the first match: these "more than one target" notes are not errors.
+suppress_warnings = ["ref.python"]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -169,11 +173,36 @@ def _public_modules() -> list[str]:
     return keep
 
 
-def _defining_module(obj) -> str | None:
-    mod = getattr(obj, "__module__", None)
-    if inspect.ismodule(obj):
-        return obj.__name__
-    return mod
+def _aliases(package: str, modules: list[str]) -> list[str]:
+    """Entries ``package.NAME`` for the names a package exports.
+
+    A name defined in another module gets a short entry pointing to its definition, so that a
+    reference such as ``:class:`ntkscale.NTKOperator``` resolves to exactly one target; a name
+    defined in the package itself is documented there in full.
+    """
+    pkg = importlib.import_module(package)
+    names = getattr(pkg, "__all__", None) or sorted(n for n in vars(pkg) if not n.startswith("_"))
+    lines: list[str] = []
+    for public in names:
+        obj = getattr(pkg, public, None)
+        if obj is None or inspect.ismodule(obj):
+            continue
+        if inspect.isclass(obj):
+            kind = "exception" if issubclass(obj, BaseException) else "class"
+        elif callable(obj):
+            kind = "function"
+        else:
+            continue
+        where = getattr(obj, "__module__", None)
+        if f"{package}.{public}" in modules:  # e.g. the function ntkscale.solvers.lanczos
+            continue
+        if where == package:
+            lines += [f".. auto{kind}:: {package}.{public}", ""]
+        elif where in modules:
+            qual = getattr(obj, "__qualname__", public)
+            lines += [f".. py:{kind}:: {public}", f"   :module: {package}", "",
+                      f"   Defined in :py:mod:`{where}`: :py:obj:`{where}.{qual}`.", ""]
+    return lines
 
 
 def _api(modules: list[str]) -> list[str]:
@@ -184,19 +213,15 @@ def _api(modules: list[str]) -> list[str]:
         subs = [m for m in modules if m.rsplit(".", 1)[0] == name]
         if subs:  # a package: its names are documented where they are defined
             text += "   :no-members:\n\nModules:\n\n" + "".join(f"* :py:mod:`{m}`\n" for m in subs)
+            text += "\nNames:\n\n" + "\n".join(_aliases(name, modules)) + "\n"
         (GEN / "api" / f"{name}.rst").write_text(text, encoding="utf-8")
         pages.append(f"api/{name}")
     # the package itself: its docstring and where each public name is defined
-    lines = ["The public API", "==============", "", "``import ntkscale as nks`` gives these names:", ""]
-    for public in ntkscale.__all__:
-        obj = getattr(ntkscale, public)
-        where = _defining_module(obj)
-        if inspect.ismodule(obj):
-            lines.append(f"* :py:mod:`nks.{public} <{obj.__name__}>`")
-        elif where in modules:
-            lines.append(f"* :py:obj:`nks.{public} <{where}.{public}>` (defined in :py:mod:`{where}`)")
-        else:
-            lines.append(f"* ``nks.{public}``")
+    lines = ["The public API", "==============", "", ".. automodule:: ntkscale", "   :no-members:", "",
+             "``import ntkscale as nks`` gives these names, each defined in a module below:", ""]
+    lines += [f"* :py:mod:`nks.{n} <ntkscale.{n}>`" for n in ntkscale.__all__
+              if inspect.ismodule(getattr(ntkscale, n)) and f"ntkscale.{n}" in modules]
+    lines += [""] + _aliases("ntkscale", modules)
     lines += ["", "Modules", "-------", "", ".. toctree::", "   :maxdepth: 1", ""]
     lines += [f"   {p[len('api/'):]}" for p in pages]
     (GEN / "api" / "index.rst").write_text("\n".join(lines) + "\n", encoding="utf-8")
