@@ -16,6 +16,7 @@ scale). GPyTorch's own default — a rank-15 greedy pivoted Cholesky — leaves 
 converged on an NTK, whose spectrum decays slowly after its first few eigenvalues.
 
 Conventions:
+
 * GPyTorch passes 2-D inputs ``(n, d)``; ``input_shape`` (e.g. ``(1, 8, 8)``) un-flattens them
   for convolutional networks.
 * A network with C > 1 outputs gives a kernel with ``num_outputs_per_input == C`` whose rows are

@@ -3,7 +3,7 @@
 The model is ``r = y − m(X) ~ N(0, s² K + σ² I)`` with a train kernel ``K`` (any square PSD
 ``linear_operator.LinearOperator``), prior variance ``s²`` (``prior_scale``) and noise ``σ²``;
 ``λ = σ²/s²``. With the cross-kernel ``K*X`` (any ``(m, n)`` operator) and the test prior
-diagonal ``diag K**``:
+diagonal ``diag K**``::
 
     mean correction  K*X (K + λ I)⁻¹ r
     variance         s² [diag K** − diag(K*X (K + λ I)⁻¹ KX*)]
