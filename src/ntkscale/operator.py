@@ -194,20 +194,24 @@ class NTKOperator(LinearOperator):
         return hit
 
     def product_macs(self, k: int = 1) -> float:
-        """Estimated multiply-adds (over the backend's relative rate) of ``self @ V`` with ``k``
-        columns, from the cost model of ``backend="auto"`` (:mod:`ntkscale.backends.cost`)."""
+        """Estimated multiply-adds of ``self @ V`` with ``k`` columns: the cost model's seconds
+        (of ``backend="auto"``, :mod:`ntkscale.backends.cost`) times the device's GEMM rate, so
+        that they compare with :meth:`block_macs` and with the multiply-adds of a factorization."""
+        from .backends.cost import _rates
+
         est = self._estimates()
-        per = est["cost"].get(self.backend)
-        if per is None:  # a backend the model does not price: a VJP and a JVP pass
-            per = 2.0 * (est["N1"] + est["N2"]) * self.num_params
-        return float(per) * k
+        seconds = est["cost"].get(self.backend)
+        if seconds is None:  # a backend the model does not price: a VJP and a JVP pass
+            return 2.0 * (est["N1"] + est["N2"]) * self.num_params * k
+        return float(seconds) * _rates(est["device"]).gemm_macs * k
 
     def block_macs(self, rows: int, cols: int) -> float:
         """Estimated multiply-adds of an explicit block ``self[rows, cols].to_dense()``.
 
         The structured family builds blocks by GEMMs over the per-layer factors, about
-        ``rows · cols · Σ_l o_l + (rows/C)(cols/C) · Σ_l d_l``; other backends (and layers the
-        factors do not cover) go through explicit Jacobians, no cheaper than products: ``inf``.
+        ``rows · cols · Σ_l o_l + (rows/C)(cols/C) · Σ_l d_l``, plus the fixed cost of its calls
+        (in multiply-adds at the GEMM rate, as :meth:`product_macs`); other backends (and layers
+        the factors do not cover) go through explicit Jacobians, no cheaper than products: ``inf``.
         """
         est = self._estimates()
         layers = est["layers"]
@@ -218,8 +222,13 @@ class NTKOperator(LinearOperator):
             or any(L != 1 for L, _, _ in layers)
         ):
             return float("inf")
+        from .backends.cost import _rates
+
         C = self.num_outputs
-        return rows * cols * sum(o for _, _, o in layers) + rows * cols / C**2 * sum(d + 1 for _, d, _ in layers)
+        r = _rates(est["device"])
+        calls = 4 * len(layers) * r.call_s["structured"] * r.gemm_macs  # per layer: 2 GEMMs, a scale, a sum
+        gemms = rows * cols * sum(o for _, _, o in layers) + rows * cols / C**2 * sum(d + 1 for _, d, _ in layers)
+        return gemms + calls
 
     def jvp(self, tangents: Tensor) -> Tensor:
         """``J(X1) U``: Jacobian-vector products with parameter-space tangents, batched.

@@ -187,7 +187,8 @@ class EvidenceMixin:
                 return lam * s2_fixed, s2_fixed
             if opt == {"prior_scale"}:
                 return sigma2_fixed, sigma2_fixed / lam
-            q = self.red.sum(torch.dot(self.residual, self.representer_weights(lam, x0=nearest(lam)))).item()  # rᵀ(K + λI)⁻¹r
+            alpha = self.representer_weights(lam, x0=nearest(lam))
+            q = self.red.sum(torch.dot(self.residual, alpha)).item()  # rᵀ(K + λI)⁻¹r
             s2 = max(q / n, torch.finfo(self.K.dtype).tiny)
             return lam * s2, s2
 
