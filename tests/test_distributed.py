@@ -26,7 +26,7 @@ NOISE = 0.1
 TIMEOUT_S = 20
 # the GP layer: the same settings in one process and on two ranks
 GP_KW = dict(noise=0.05, prior_scale=2.0, backend="autodiff", dtype=torch.float64, tol=1e-12, max_iter=500,
-             fast_rank=12, num_probes=4, num_iter=N * C)
+             fast_rank=12, num_probes=4, num_iter=N * C, exact_solver="cg")
 
 
 class _Net(torch.nn.Module):
