@@ -171,12 +171,22 @@ def test_gp_factor_on_disk_and_reused(kernel, tmp_path):
 
 
 def test_gp_auto_picks_the_cheaper_path(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the cost model's rates scale with the threads: fix them
+    try:
+        _auto_picks_the_cheaper_path(monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _auto_picks_the_cheaper_path(monkeypatch):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)  # P = 17
-    X = torch.randn(2000, 2, dtype=DT)
+    X = torch.randn(3000, 2, dtype=DT)
     gp = NTKGP(model, X, torch.sin(X[:, :1]), noise=0.1, backend="structured")
-    # n = 2000: factor 2000³/3 (x2 in float64) + 2000² per column ≈ 5e9; PCG 100 iterations of
-    # a product the cost model prices at a few 1e6 GEMM-equivalent multiply-adds, per column
+    # n = 3000: factor 3000³/3 = 9e9 multiply-adds + 3000² per column; PCG 100 iterations of a
+    # product whose estimated time (a few layer calls of ~40 µs) is worth ~1e7 multiply-adds at
+    # the GEMM rate: ~1e9 per column, so PCG for one column and the factor for 50
     assert not gp.use_cholesky(1)
     assert gp.use_cholesky(50)
     _, var = gp.predict(torch.randn(3, 2, dtype=DT))

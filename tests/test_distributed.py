@@ -24,6 +24,9 @@ import ntkscale as nks
 N, N0, D, C, M = 13, 7, 3, 2, 5  # samples, rank 0's share, features, outputs, test inputs
 NOISE = 0.1
 TIMEOUT_S = 20
+# the GP layer: the same settings in one process and on two ranks
+GP_KW = dict(noise=0.05, prior_scale=2.0, backend="autodiff", dtype=torch.float64, tol=1e-12, max_iter=500,
+             fast_rank=12, num_probes=4, num_iter=N * C, exact_solver="cg")
 
 
 class _Net(torch.nn.Module):
@@ -114,6 +117,32 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         prior = nks.NTKOperator(model, X_test, dtype=torch.float64).diagonal()
         res["var"] = prior - nks.solvers.reductions(K).dot(cross, Z)
 
+        # -- the GP layer on the sharded operator: KernelGP with this rank's cross-kernel columns,
+        #    and the NTK-GP adapter on this rank's shard, called as in one process ---------------
+        post = nks.gp.KernelGP(K, y, NOISE, 1.0, tol=1e-12, max_iter=500, fast_rank=N * C, rank=8)
+        Ksx = K.cross(X_test).mT  # shape: (M*C, N_r*C)
+        res["kgp_mean"] = post.mean(Ksx)
+        res["kgp_var"] = post.variance(Ksx, prior)
+        res["kgp_fast"] = post.variance(Ksx, prior, mode="fast")
+        res["kgp_gp_lml"] = post.log_marginal_likelihood(kind="gp")
+        gp = nks.distributed.NTKGP(model, X[sl], Y[sl], **GP_KW)
+        res["gp_repr"] = repr(gp)
+        res["gp_mean"], res["gp_var"] = gp.predict(X_test)
+        res["gp_rank"], res["gp_info_rank"] = gp.preconditioner_rank, gp.info.preconditioner_rank
+        res["gp_solver"] = gp.info.solver
+        res["gp_fast"] = gp.predict(X_test, mode="fast")[1]
+        res["gp_samples"] = gp.sample(X_test, num_samples=3, seed=5)
+        res["gp_samples_unseeded"] = gp.sample(X_test, num_samples=2)  # one seed shared by the ranks
+        res["gp_lml"] = gp.log_marginal_likelihood()
+        res["gp_lml_gp"] = gp.log_marginal_likelihood(kind="gp")
+        res["gp_alpha"] = gp.representer_weights()
+        res["gp_fit"] = gp.fit_hyperparameters(grid_size=5, refine_steps=3, update=False)
+        res["gp_cholesky"] = _expect_error(lambda: gp.cholesky())
+        res["gp_cholesky_ctor"] = _expect_error(
+            lambda: nks.distributed.NTKGP(model, X[sl], Y[sl], **{**GP_KW, "exact_solver": "cholesky"})
+        )
+        res["gp_bad_cross"] = _expect_error(lambda: post.mean(nks.NTKOperator(model, X_test, X, dtype=torch.float64)))
+
         # -- failures that every rank survives (the group stays usable) ----------------------
         Xbad = X[sl].clone()
         if rank == 1:
@@ -192,6 +221,10 @@ def reference():
     prior = nks.NTKOperator(model, X_test, dtype=torch.float64, backend="dense").diagonal()
     Ka = nks.NTKOperator(model, X, dtype=torch.float64, backend="autodiff")  # one process, all data
     ext = nks.eigvalsh_extremes(Ka, k=2, noise=NOISE, tol=1e-10)
+    post = nks.gp.KernelGP(Ka, Y.reshape(-1), NOISE, 1.0, tol=1e-12, max_iter=500, fast_rank=N * C, rank=8)
+    Ksx = nks.NTKOperator(model, X_test, X, dtype=torch.float64, backend="autodiff")
+    gp = nks.NTKGP(model, X, Y, **GP_KW)
+    gp_mean, gp_var = gp.predict(X_test)
     return {
         "V": V,
         "dense": dense,
@@ -210,6 +243,19 @@ def reference():
             "largest": ext.largest,
             "smallest": ext.smallest,
             "logdet": nks.logdet(Ka, noise=NOISE, num_probes=4, num_iter=N * C)[0],
+            "kgp_mean": post.mean(Ksx),
+            "kgp_var": post.variance(Ksx, prior),
+            "kgp_fast": post.variance(Ksx, prior, mode="fast"),
+            "kgp_gp_lml": post.log_marginal_likelihood(kind="gp"),
+            "gp_mean": gp_mean,
+            "gp_var": gp_var,
+            "gp_rank": gp.preconditioner_rank,
+            "gp_fast": gp.predict(X_test, mode="fast")[1],
+            "gp_samples": gp.sample(X_test, num_samples=3, seed=5),
+            "gp_lml": gp.log_marginal_likelihood(),
+            "gp_lml_gp": gp.log_marginal_likelihood(kind="gp"),
+            "gp_alpha": gp.representer_weights(),
+            "gp_fit": gp.fit_hyperparameters(grid_size=5, refine_steps=3, update=False),
         },
     }
 
@@ -271,6 +317,47 @@ def test_posterior_matches_one_process(ranks, reference):
         _close(r["var"], reference["var"], rtol=1e-9)
     _close(ranks[0]["var"], ranks[1]["var"], rtol=1e-12)
     assert bool((ranks[0]["var"] > 0).all())
+
+
+def test_gp_layer_matches_one_process(ranks, reference):
+    """KernelGP on the sharded operator (each rank passing its columns of the cross-kernel):
+    mean, exact (PCG) and fast variances and the GP evidence of one process on all the data."""
+    one = reference["one_process"]
+    for r in ranks:
+        _close(r["kgp_mean"], one["kgp_mean"])
+        _close(r["kgp_mean"], reference["mean"], rtol=1e-9)  # and the dense algebra
+        _close(r["kgp_var"], one["kgp_var"])
+        _close(r["kgp_var"], reference["var"], rtol=1e-9)
+        _close(r["kgp_fast"], one["kgp_fast"])
+        assert abs(r["kgp_gp_lml"] - one["kgp_gp_lml"]) <= 1e-10 * abs(one["kgp_gp_lml"])
+
+
+def test_distributed_ntkgp_matches_one_process(ranks, reference):
+    """``nks.distributed.NTKGP`` on each rank's shard, called as ``nks.NTKGP`` on all the data."""
+    one = reference["one_process"]
+    for r in ranks:
+        assert r["gp_repr"].startswith("distributed.NTKGP(rank=")
+        _close(r["gp_mean"], one["gp_mean"])
+        _close(r["gp_var"], one["gp_var"])
+        assert r["gp_solver"] == "cg"  # exact variances by PCG ("auto" never factors a sharded K)
+        _close(r["gp_fast"], one["gp_fast"])
+        _close(r["gp_samples"], one["gp_samples"])
+        for kind in ("gp_lml", "gp_lml_gp"):
+            assert abs(r[kind] - one[kind]) <= 1e-10 * abs(one[kind])
+        for a, b in zip(r["gp_fit"], one["gp_fit"]):  # the fitted (noise, prior_scale)
+            assert abs(a - b) <= 1e-8 * abs(b)
+        assert r["gp_rank"] == r["gp_info_rank"] == one["gp_rank"] is not None  # adaptive Nyström rank
+    _close(_gather(ranks, "gp_alpha").reshape(-1), one["gp_alpha"].reshape(-1))
+    _close(ranks[0]["gp_samples_unseeded"], ranks[1]["gp_samples_unseeded"], rtol=1e-12)
+
+
+def test_cholesky_routes_refused_when_sharded(ranks):
+    for r in ranks:
+        for case in ("gp_cholesky", "gp_cholesky_ctor"):
+            assert r[case]["type"] == "ValueError", r[case]
+            assert "sharded" in r[case]["message"] and "exact_solver='cg'" in r[case]["message"]
+        assert r["gp_bad_cross"]["type"] == "ValueError"
+        assert "this rank's" in r["gp_bad_cross"]["message"] and "K.cross(X_test).mT" in r["gp_bad_cross"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -423,6 +423,22 @@ def test_reshifted_preconditioner_equals_a_rebuilt_one(problem, name):
     assert torch.allclose(P2.apply(R), ref.apply(R), rtol=1e-9, atol=1e-12)
 
 
+def test_default_preconditioner_rank_is_the_adaptive_one(problem):
+    """Without ``rank`` the GP's Nyström preconditioner is the solver's adaptive one (the same
+    sketch, the same rank as ``build_preconditioner(..., rank=None)``), reported in the info; an
+    explicit rank is kept."""
+    gp = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.5, backend="dense", tol=1e-12, exact_solver="cg")
+    assert gp.rank is None and gp.preconditioner_rank is None  # nothing built yet
+    gp.predict(problem["Xt"])
+    ref = build_preconditioner(gp.K, "nystrom", noise=gp.ridge, rank=None)
+    assert ref.adaptive and gp.preconditioner_rank == ref.rank == gp.info.preconditioner_rank
+    assert gp.preconditioner().stages == ref.stages
+    fixed = NTKGP(problem["model"], problem["X"], problem["y"], noise=0.5, backend="dense", rank=7, exact_solver="cg")
+    fixed.predict(problem["Xt"], return_var=False)
+    assert fixed.preconditioner_rank == fixed.info.preconditioner_rank == 7
+    assert fixed.with_data(problem["X"][:20], problem["y"][:20]).rank == 7
+
+
 def test_gp_is_frozen_at_construction(problem):
     model = _mlp(4, 24, 2)
     model.load_state_dict(problem["model"].state_dict())

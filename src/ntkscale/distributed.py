@@ -12,7 +12,10 @@ rank applies ``J_r`` (a JVP pass, or the local factors). The solvers (:func:`ntk
 :func:`ntkscale.eigvalsh_extremes`, :func:`ntkscale.condition_number`, ...) run on it unchanged:
 they take their inner products and norms from :func:`ntkscale.solvers.reductions`, which sums
 them over the operator's process group, and draw their sketches and start vectors as this rank's
-rows of the one global draw, so what they decompose is the kernel of all the data.
+rows of the one global draw, so what they decompose is the kernel of all the data. The GP layer
+does the same (:class:`ntkscale.gp.KernelGP` on this operator, with each rank's columns of the
+cross-kernel ``K.cross(X_test).mT``), and :class:`NTKGP` is :class:`ntkscale.NTKGP` on sharded
+training data: the same arguments, methods and results as one process on all of it.
 
 Launch one process per device, e.g. ``torchrun --nproc_per_node=4 fit.py`` with::
 
@@ -56,7 +59,7 @@ from ._comm import DistributedError, all_reduce_sum, collective
 from .operator import NTKOperator as _LocalNTKOperator
 from .operator import _check_data
 
-__all__ = ["DistributedError", "NTKOperator", "ProductStats", "ShardError"]
+__all__ = ["DistributedError", "NTKGP", "NTKOperator", "ProductStats", "ShardError"]
 
 
 class ShardError(ValueError):
@@ -496,3 +499,6 @@ def _problems(summaries: list[dict]) -> list[str]:
                     f"{ref}): load or broadcast the same weights on every rank"
                 )
     return problems
+
+
+from .gp.sharded import NTKGP  # noqa: E402  (the GP adapter over this module's operator)

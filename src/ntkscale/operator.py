@@ -212,8 +212,9 @@ class NTKOperator(LinearOperator):
         """Estimated multiply-adds of an explicit block ``self[rows, cols].to_dense()``.
 
         The structured family builds blocks by GEMMs over the per-layer factors, about
-        ``rows · cols · Σ_l o_l + (rows/C)(cols/C) · Σ_l d_l``; other backends (and layers the
-        factors do not cover) go through explicit Jacobians, no cheaper than products: ``inf``.
+        ``rows · cols · Σ_l o_l + (rows/C)(cols/C) · Σ_l d_l``, plus the fixed cost of its calls
+        (in multiply-adds at the GEMM rate, as :meth:`product_macs`); other backends (and layers
+        the factors do not cover) go through explicit Jacobians, no cheaper than products: ``inf``.
         """
         est = self._estimates()
         layers = est["layers"]
@@ -224,8 +225,13 @@ class NTKOperator(LinearOperator):
             or any(L != 1 for L, _, _ in layers)
         ):
             return float("inf")
+        from .backends.cost import _rates
+
         C = self.num_outputs
-        return rows * cols * sum(o for _, _, o in layers) + rows * cols / C**2 * sum(d + 1 for _, d, _ in layers)
+        r = _rates(est["device"])
+        calls = 4 * len(layers) * r.call_s["structured"] * r.gemm_macs  # per layer: 2 GEMMs, a scale, a sum
+        gemms = rows * cols * sum(o for _, _, o in layers) + rows * cols / C**2 * sum(d + 1 for _, d, _ in layers)
+        return gemms + calls
 
     def jvp(self, tangents: Tensor) -> Tensor:
         """``J(X1) U``: Jacobian-vector products with parameter-space tangents, batched.

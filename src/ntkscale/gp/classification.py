@@ -67,7 +67,8 @@ class NTKClassifierGP:
         backend: NTK backend (see :class:`ntkscale.NTKOperator`).
         preconditioner: of ``K_G + I/s²``, as for :class:`~ntkscale.gp.KernelGP` (default
             ``"nystrom"``).
-        rank: the preconditioner's rank (default 100).
+        rank: the preconditioner's rank (default ``None``: the adaptive Nyström rank, as in
+            :class:`ntkscale.gp.KernelGP`).
         tol: relative residual tolerance of the PCG solves (default 1e-8 in float64, 1e-4 in
             float32).
         max_iter: cap on PCG iterations per solve.

@@ -63,7 +63,7 @@ class EvidenceMixin:
         slq = self.logdet_estimator()
         if kind == "gp":
             alpha = self.representer_weights(lam, x0=x0)
-            quad = torch.dot(self.residual, alpha).item() / prior_scale  # rᵀ (s²K + σ²I)⁻¹ r
+            quad = self.red.sum(torch.dot(self.residual, alpha)).item() / prior_scale  # rᵀ (s²K + σ²I)⁻¹ r
             ld = slq(lam)
             logdet = n * math.log(prior_scale) + ld.value  # logdet(s²K + σ²I)
             value = -0.5 * quad - 0.5 * logdet - 0.5 * n * math.log(2 * math.pi)
@@ -72,7 +72,8 @@ class EvidenceMixin:
             raise ValueError("the Laplace evidence needs noise > 0 (log N(r; 0, σ² I) is undefined at σ² = 0)")
         ld = slq(lam)
         ratio = ld.value - n * math.log(lam)  # log det(I + K/λ)
-        loglik = -0.5 * self.residual.square().sum().item() / noise - 0.5 * n * math.log(2 * math.pi * noise)
+        rss = self.red.sum(self.residual.square().sum()).item()
+        loglik = -0.5 * rss / noise - 0.5 * n * math.log(2 * math.pi * noise)
         scatter = self.weight_norm_sq / prior_scale
         value = loglik - 0.5 * (ratio + scatter)
         return EvidenceInfo("laplace", value, noise, prior_scale, ratio, ld.stderr, log_likelihood=loglik,
@@ -186,7 +187,8 @@ class EvidenceMixin:
                 return lam * s2_fixed, s2_fixed
             if opt == {"prior_scale"}:
                 return sigma2_fixed, sigma2_fixed / lam
-            q = torch.dot(self.residual, self.representer_weights(lam, x0=nearest(lam))).item()  # rᵀ(K + λI)⁻¹r
+            alpha = self.representer_weights(lam, x0=nearest(lam))
+            q = self.red.sum(torch.dot(self.residual, alpha)).item()  # rᵀ(K + λI)⁻¹r
             s2 = max(q / n, torch.finfo(self.K.dtype).tiny)
             return lam * s2, s2
 
@@ -199,7 +201,7 @@ class EvidenceMixin:
             return cache[log_lam]
 
         initial = self.evidence(self.noise, self.prior_scale, "gp").value
-        dbar = self.Kb.diagonal().detach().mean().clamp_min(torch.finfo(self.K.dtype).tiny).item()
+        dbar = max(self.red.sum(self.Kb.diagonal().detach().sum()).item() / n, torch.finfo(self.K.dtype).tiny)
         lo, hi = math.log(ridge_range[0] * dbar), math.log(ridge_range[1] * dbar)
         best_log = search_1d(objective, lo, hi, grid_size, refine_steps)
         sigma2, s2 = hyper(best_log)

@@ -17,6 +17,14 @@ one preconditioner per ``λ`` (re-shifted, not rebuilt), the training solve per 
 :class:`ntkscale.solvers.LanczosBasis` and one :class:`ntkscale.solvers.StochasticLogdet` for every
 ``λ``, and a tiled Cholesky factor for one ``λ``.
 
+Sharded kernels: every sum over the rows of ``K`` (inner products, the mean's and the variances'
+contractions with the cross-kernel, the evidences' quadratic terms) goes through
+:func:`ntkscale.solvers.reductions`, as the solvers' own do. So a ``K`` whose rows are sharded over
+``torch.distributed`` ranks (:class:`ntkscale.distributed.NTKOperator`) works unchanged: each rank
+passes its rows of the residual and its columns of the cross-kernel (``K.cross(X_test).mT``,
+shape ``(m, n_r)``), every call is collective, and means, variances and evidences come out the
+same on every rank. The Cholesky routes need all of ``K`` in one process and are refused there.
+
 Example:
     >>> import torch
     >>> from linear_operator.operators import DenseLinearOperator
@@ -50,6 +58,7 @@ from ..solvers import (
     StochasticLogdet,
     TiledCholesky,
     build_preconditioner,
+    reductions,
     solve,
 )
 from ..solvers.cholesky import DEFAULT_MEMORY as DEFAULT_FACTOR_MEMORY
@@ -63,7 +72,6 @@ __all__ = ["HyperparameterWarning", "KernelGP", "NegativeVarianceWarning"]  # th
 
 log = logging.getLogger("ntkscale")
 
-DEFAULT_RANK = 100  # preconditioner rank
 DEFAULT_FAST_RANK = 100  # Lanczos (LOVE) rank of the fast variances
 DEFAULT_PROBES = 30  # SLQ probes of the log-determinant
 
@@ -83,7 +91,10 @@ class KernelGP(EvidenceMixin):
         preconditioner: ``"nystrom"``, ``"pivchol"``, ``"jacobi"``, ``None`` or a ready
             :class:`ntkscale.solvers.Preconditioner` of ``K + λ I`` (used as given). A named one is
             built once and re-shifted (not rebuilt) for every other ``λ``.
-        rank: rank of the ``"nystrom"``/``"pivchol"`` preconditioner (default 100).
+        rank: rank of the ``"nystrom"``/``"pivchol"`` preconditioner. Default ``None``: for
+            ``"nystrom"`` chosen adaptively at the first ``λ > 0`` (see
+            :class:`ntkscale.solvers.NystromPreconditioner`; the rank reached is
+            :attr:`preconditioner_rank`), else 100.
         tol: relative residual tolerance of the CG solves (default 1e-4 in float32, 1e-8 in float64).
         max_iter: cap on CG iterations per solve (default ``min(n, 1000)``).
         fast_rank: Lanczos rank of the fast variances (default 100, capped at ``n``).
@@ -104,6 +115,11 @@ class KernelGP(EvidenceMixin):
 
     Attributes:
         solve_info: the :class:`ntkscale.solvers.SolveInfo` of the last training solve.
+        n: rows of ``K`` (over all ranks of a sharded ``K``).
+        n_local: rows held in this process (``n`` unless ``K`` is sharded).
+
+    Raises:
+        ValueError: for ``exact_solver="cholesky"`` on a sharded ``K``, and bad arguments.
     """
 
     def __init__(
@@ -149,10 +165,16 @@ class KernelGP(EvidenceMixin):
                 f".apply(R) method, got {type(preconditioner).__name__}"
             )
         self.K = K
-        self.n = n = int(shape[0])
+        self.red = reductions(K)  # sums over rows: over the ranks of a sharded K
+        self.sharded = self.red.group is not None
+        if self.sharded and exact_solver == "cholesky":
+            raise ValueError(_NO_CHOLESKY)
+        self.n = n = self.red.n
+        self.n_local = n_local = int(shape[0])
         r = residual.detach().reshape(-1).to(dtype=K.dtype, device=K.device)
-        if r.numel() != n:
-            raise ValueError(f"residual must have n = {n} entries to match K, got {tuple(residual.shape)}")
+        if r.numel() != n_local:
+            where = " (this rank's rows)" if self.sharded else ""
+            raise ValueError(f"residual must have {n_local} entries to match K{where}, got {tuple(residual.shape)}")
         self.residual = r
         self._noise = check_noise(noise)
         self._prior_scale = check_prior_scale(prior_scale)
@@ -160,7 +182,7 @@ class KernelGP(EvidenceMixin):
         self.factor_memory = check_positive_int(factor_memory, "factor_memory", DEFAULT_FACTOR_MEMORY)
         self.scratch_dir = scratch_dir
         self.tol = check_tol(tol) if tol is not None else (1e-8 if K.dtype == torch.float64 else 1e-4)
-        self.rank = check_positive_int(rank, "rank", DEFAULT_RANK)
+        self.rank = check_positive_int(rank, "rank", None)
         self._fast_rank = check_positive_int(fast_rank, "fast_rank", DEFAULT_FAST_RANK)
         self._block_size = check_positive_int(block_size, "block_size", DEFAULT_BLOCK)
         self.num_probes = check_positive_int(num_probes, "num_probes", DEFAULT_PROBES)
@@ -173,7 +195,7 @@ class KernelGP(EvidenceMixin):
         self.weight_norm_sq = None if weight_norm_sq is None else float(weight_norm_sq)
         self.num_weights = num_weights
         self.noise_reference = float(noise_reference) if noise_reference else max(
-            r.square().mean().item(), torch.finfo(K.dtype).tiny
+            self.red.sum(r.square().sum()).item() / n, torch.finfo(K.dtype).tiny
         )
         self.Kb = ColumnBlockedOperator(K, self._block_size)  # what the solvers see
 
@@ -231,6 +253,13 @@ class KernelGP(EvidenceMixin):
     def block_size(self, value: int) -> None:
         self._block_size = check_positive_int(value, "block_size", DEFAULT_BLOCK)
         self.Kb = ColumnBlockedOperator(self.K, self._block_size)
+
+    @property
+    def preconditioner_rank(self) -> int | None:
+        """The rank of the low-rank preconditioner built (for ``rank=None`` the one the adaptive
+        Nyström sketch reached); ``None`` before it is built or for Jacobi / none."""
+        P = self._base_precond
+        return None if P is None else getattr(P, "rank", None)
 
     @property
     def preconditioner_name(self):
@@ -303,7 +332,10 @@ class KernelGP(EvidenceMixin):
         return max(1, its)
 
     def use_cholesky(self, num_columns: int) -> bool:
-        """Whether exact variances for ``num_columns`` test columns take the Cholesky path."""
+        """Whether exact variances for ``num_columns`` test columns take the Cholesky path
+        (never for a sharded ``K``)."""
+        if self.sharded:
+            return False
         if self.exact_solver != "auto":
             return self.exact_solver == "cholesky"
         n = self.n
@@ -334,6 +366,8 @@ class KernelGP(EvidenceMixin):
 
     def cholesky(self, lam: float | None = None) -> TiledCholesky:
         """The tiled float64 Cholesky factor of ``K + λ I`` (computed on first use; one ``λ`` kept)."""
+        if self.sharded:
+            raise ValueError(_NO_CHOLESKY)
         lam = self.ridge if lam is None else float(lam)
         k = key(lam)
         if self._chol is not None and self._chol[0] == k:
@@ -356,9 +390,22 @@ class KernelGP(EvidenceMixin):
             self._chol = None
 
     # -- mean and variances -----------------------------------------------------------------------
+    def _check_cross(self, Ksx) -> None:
+        shape = getattr(Ksx, "shape", None)
+        if shape is None or len(shape) != 2 or shape[1] != self.n_local:
+            got = None if shape is None else tuple(shape)
+            if self.sharded:
+                raise ValueError(
+                    f"the cross-kernel must have shape (m, {self.n_local}): the test rows by this rank's "
+                    f"{self.n_local} rows of K (e.g. K.cross(X_test).mT); got {got}"
+                )
+            raise ValueError(f"the cross-kernel must have shape (m, n) with n = {self.n} (the rows of K); got {got}")
+
     def mean(self, Ksx) -> Tensor:
         """The mean correction ``K*X (K + λ I)⁻¹ r``.  # shape: (m,)"""
-        return (Ksx @ self.representer_weights()).detach().reshape(-1)
+        self._check_cross(Ksx)
+        alpha = self.representer_weights()
+        return self.red.sum((Ksx @ alpha).detach().reshape(-1))
 
     def variance(
         self,
@@ -385,6 +432,7 @@ class KernelGP(EvidenceMixin):
             made them negative.  # shape: (m,)
         """
         info = PredictInfo(mode=mode) if info is None else info
+        self._check_cross(Ksx)
         lam, s2 = self.ridge, self.prior_scale
         m = Ksx.shape[0]
         prior = prior_diag.detach().reshape(-1)
@@ -414,6 +462,7 @@ class KernelGP(EvidenceMixin):
         else:
             raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         info.seconds["variance"] = time.perf_counter() - t0
+        info.preconditioner_rank = self.preconditioner_rank
         return self.clamp(s2 * (prior - quad), s2 * prior, info).to(self.K.dtype)
 
     def exact_quadratic(self, Ksx, lam: float | None = None, info: PredictInfo | None = None) -> Tensor:
@@ -432,7 +481,7 @@ class KernelGP(EvidenceMixin):
             B = to_dense(Kxs[:, cols]).detach()  # shape: (n, b)
             Z, sinfo = solve(self.Kb, B, noise=lam, preconditioner=P, tol=self.tol, max_iter=self.max_iter,
                              warn=False)
-            quad[cols] = (B * Z).sum(0)
+            quad[cols] = self.red.sum((B * Z).sum(0))
             info.solve_iterations.append(sinfo.iterations)
             ok = ok and sinfo.converged
             worst = max(worst, sinfo.residual_norm.max().item())
@@ -450,6 +499,7 @@ class KernelGP(EvidenceMixin):
     def direct_quadratic(self, Ksx, chol: TiledCholesky | None = None) -> Tensor:
         """``‖L⁻¹ KX*‖²`` per test row, in blocks of test columns.  # shape: (m,)"""
         chol = self.cholesky() if chol is None else chol
+        self._check_cross(Ksx)
         n, g = self.n, self.column_group
         m = Ksx.shape[0]
         Kxs = Ksx.mT.to(torch.float64)  # shape: (n, m)
@@ -503,10 +553,13 @@ class KernelGP(EvidenceMixin):
 
     def explicit_blocks_cheaper(self, Ksx, r: int) -> bool:
         """Whether ``K*X R`` is cheaper from explicit row blocks of ``K*X`` than from ``r``
-        products (multiply-adds, from the operator's own estimates)."""
+        products (multiply-adds, from the operator's own estimates; summed over the ranks of a
+        sharded ``K``, so that every rank takes the same route)."""
         m, n = Ksx.shape
-        blocks = block_cost(Ksx, m, n) + m * n * r
-        return blocks < product_cost(Ksx, r)
+        costs = torch.tensor([block_cost(Ksx, m, n) + m * n * r, product_cost(Ksx, r)], dtype=torch.float64,
+                             device=self.K.device)
+        blocks, products = self.red.sum(costs).tolist()
+        return blocks < products
 
     def fast_quadratic(self, Ksx, R: Tensor, route: str = "auto") -> Tensor:
         """``‖Rᵀ KX*‖²`` per test row.  # shape: (m,)
@@ -520,21 +573,24 @@ class KernelGP(EvidenceMixin):
         """
         if route not in ("auto", "products", "blocks"):
             raise ValueError(f"route must be 'auto', 'products' or 'blocks', got {route!r}")
-        m, n = Ksx.shape
+        self._check_cross(Ksx)
+        m = Ksx.shape[0]
         r = R.shape[1]
+        red = self.red  # Rᵀ KX* is a sum over the rows of K: over the ranks of a sharded K
         quad = torch.zeros(m, dtype=R.dtype, device=R.device)
         if route == "blocks" or (route == "auto" and self.explicit_blocks_cheaper(Ksx, r)):
             g = self.column_group
             # the block, its cast to R's dtype and the product: about 3 row-blocks of n numbers
-            rows = max(g, self.memory_budget // (3 * n * R.element_size()))
+            # (n over all ranks, so every rank takes the same blocks)
+            rows = max(g, self.memory_budget // (3 * self.n * R.element_size()))
             rows -= rows % g
             for r0 in range(0, m, rows):
                 B = to_dense(Ksx[r0 : r0 + rows]).detach().to(R.dtype)  # shape: (rows, n)
-                quad[r0 : r0 + rows] = (B @ R).square().sum(1)
+                quad[r0 : r0 + rows] = red.sum(B @ R).square().sum(1)
                 del B
             return quad
         for sl in _chunks(r, self.block_size):
-            quad += (Ksx @ R[:, sl].to(Ksx.dtype).contiguous()).detach().to(R.dtype).square().sum(1)
+            quad += red.sum((Ksx @ R[:, sl].to(Ksx.dtype).contiguous()).detach().to(R.dtype)).square().sum(1)
         return quad
 
     def clamp(self, var: Tensor, scale: Tensor, info: PredictInfo) -> Tensor:
@@ -588,14 +644,17 @@ class KernelGP(EvidenceMixin):
             Posterior samples minus the posterior mean.  # shape: (m, S)
         """
         info = PredictInfo(mode="sample") if info is None else info
-        n, m = self.n, Ksx.shape[0]
+        self._check_cross(Ksx)
+        n, m = self.n_local, Ksx.shape[0]
         if prior_train.dim() != 2 or prior_train.shape[0] != n:
             raise ValueError(f"prior_train must have shape (n, S) with n = {n}, got {tuple(prior_train.shape)}")
         S = prior_train.shape[1]
         if tuple(prior_test.shape) != (m, S):
             raise ValueError(f"prior_test must have shape (m, S) = ({m}, {S}), got {tuple(prior_test.shape)}")
-        if noise_samples is None:
-            noise_samples = torch.randn(n, S, dtype=self.K.dtype, device=self.K.device) * math.sqrt(self.noise)
+        if noise_samples is None:  # this rank's rows of one draw over all n rows
+            red = self.red
+            eps = torch.randn(red.n, S, dtype=self.K.dtype, device=self.K.device)
+            noise_samples = eps[red.offset : red.offset + n] * math.sqrt(self.noise)
         lam = self.ridge
         rhs = (prior_train + noise_samples).to(self.K.dtype)
         t0 = time.perf_counter()
@@ -621,11 +680,20 @@ class KernelGP(EvidenceMixin):
                     stacklevel=3,
                 )
         info.seconds["solve"] = time.perf_counter() - t0
+        info.preconditioner_rank = self.preconditioner_rank
         t0 = time.perf_counter()
-        update = torch.cat([(Ksx @ Z[:, sl].contiguous()).detach() for sl in _chunks(S, self.block_size)], dim=1)
+        update = torch.cat(
+            [self.red.sum((Ksx @ Z[:, sl].contiguous()).detach()) for sl in _chunks(S, self.block_size)], dim=1
+        )
         info.seconds["update"] = time.perf_counter() - t0
         return prior_test.to(update.dtype) - update
 
 
 def _chunks(total: int, size: int):
     return [slice(s, min(total, s + size)) for s in range(0, total, size)]
+
+
+_NO_CHOLESKY = (
+    "the Cholesky routes need all of K in one process, and K is sharded over torch.distributed "
+    "ranks: use exact_solver='cg' or 'auto' (exact variances and samples by PCG)"
+)

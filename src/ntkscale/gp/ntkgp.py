@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..functional import chunks
 from ..operator import NTKOperator
-from ..solvers import Preconditioner
+from ..solvers import Preconditioner, reductions
 from ..solvers.cholesky import DEFAULT_MEMORY as DEFAULT_FACTOR_MEMORY
 from ._checks import check_mode, check_noise, check_positive_int, check_prior_scale, check_targets, check_tol
 from .inference import DEFAULT_PROBES, KernelGP
@@ -73,7 +73,11 @@ class NTKGP:
             :class:`ntkscale.solvers.Preconditioner` for ``Θ + λ I`` (used as given). A named
             one is built once (re-shifted, not rebuilt, when ``λ`` changes) and reused by every
             solve, including the batched solve of :meth:`sample`.
-        rank: rank of the ``"nystrom"``/``"pivchol"`` preconditioner (default 100).
+        rank: rank of the ``"nystrom"``/``"pivchol"`` preconditioner. Default ``None``: for
+            ``"nystrom"`` chosen adaptively (the sketch grows until its tail eigenvalue is near
+            ``λ``; see :class:`ntkscale.solvers.NystromPreconditioner`) and reported as
+            :attr:`preconditioner_rank` and ``info.preconditioner_rank``; 100 for
+            ``"pivchol"`` (and for ``"nystrom"`` at ``λ = 0``).
         tol: relative residual tolerance of the CG solves, > 0 (default 1e-4 for float32 and
             1e-8 for float64 operators).
         max_iter: cap on CG iterations per solve (default ``min(N C, 1000)``).
@@ -150,25 +154,42 @@ class NTKGP:
         model = _frozen_copy(model, operator_kwargs.get("dtype"))
         self._setup(model, X, y, noise, prior_scale, backend, settings, dict(operator_kwargs))
 
+    def _train_operator(self, model, X, backend, operator_kwargs):
+        """The training kernel ``Θ(X, X)`` (a subclass may shard it over processes)."""
+        return NTKOperator(model, X, backend=backend, **operator_kwargs)
+
+    @property
+    def _local(self) -> NTKOperator:
+        """The (process-local) operator holding this GP's training inputs and weights."""
+        return getattr(self.K, "local", self.K)
+
     def _setup(self, model, X, y, noise, prior_scale, backend, settings, operator_kwargs):
         self._model = model
         self._settings = settings
         self._operator_kwargs = operator_kwargs
-        self.K = NTKOperator(model, X, backend=backend, **operator_kwargs)
+        self.K = self._train_operator(model, X, backend, operator_kwargs)
+        loc = self._local
         self._backend = self.K.backend
-        self.X = self.K.X1
+        self.X = loc.X1
         self.num_outputs = C = self.K.num_outputs
         self.num_train = N = self.X.shape[0]
         self.n = N * C
         self.y = check_targets(y, N, C, self.K.dtype, self.K.device)  # shape: (N, C)
         self.f_train = self._forward(self.X)  # shape: (N, C)
-        weight_norm_sq = sum(p.detach().double().square().sum().item() for p in self.K.params)
-        yc = self.y - self.y.mean(0)
-        target_var = yc.square().mean().item() or self.y.square().mean().item() or 1.0
+        weight_norm_sq = sum(p.detach().double().square().sum().item() for p in loc.params)
+        red = reductions(self.K)  # over all ranks when the training data is sharded
+        if red.group is None:
+            ymean, ysq = self.y.mean(0), self.y.square().mean().item()
+        else:
+            count = red.n // C
+            ymean = red.sum(self.y.sum(0)) / count
+            ysq = red.sum(self.y.square().sum().reshape(1)).item() / red.n
+        yc = self.y - ymean
+        target_var = red.sum(yc.square().sum().reshape(1)).item() / red.n or ysq or 1.0
         self.posterior = KernelGP(
             self.K, (self.y - self.f_train).reshape(-1), noise, prior_scale, column_group=C,
             memory_budget=operator_kwargs.get("memory_budget"), weight_norm_sq=weight_norm_sq,
-            num_weights=self.K.num_params, noise_reference=target_var, **settings,
+            num_weights=loc.num_params, noise_reference=target_var, **settings,
         )
         self.info: PredictInfo | None = None
 
@@ -182,7 +203,8 @@ class NTKGP:
             X: training inputs.  # shape: (N', *in_shape)
             y: training targets.  # shape: (N', C)
         """
-        new = NTKGP.__new__(NTKGP)
+        new = type(self).__new__(type(self))
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_dist")})
         settings = dict(self._settings)
         for name in ("rank", "tol", "max_iter", "fast_rank", "block_size", "num_probes", "num_iter",
                      "exact_solver", "factor_memory", "scratch_dir", "progress", "seed"):
@@ -196,7 +218,7 @@ class NTKGP:
     prior_scale = _forward_to_posterior("prior_scale", "The prior variance ``s²`` of the weights.")
     fast_rank = _forward_to_posterior("fast_rank", "Lanczos rank of the fast variances.")
     block_size = _forward_to_posterior("block_size", "Right-hand-side columns per product / PCG block.")
-    rank = _forward_to_posterior("rank", "Rank of the low-rank preconditioner.")
+    rank = _forward_to_posterior("rank", "Rank asked of the low-rank preconditioner (``None``: adaptive).")
     tol = _forward_to_posterior("tol", "Relative residual tolerance of the CG solves.")
     max_iter = _forward_to_posterior("max_iter", "Cap on CG iterations per solve.")
     num_probes = _forward_to_posterior("num_probes", "SLQ probes of the log-determinant.")
@@ -211,6 +233,12 @@ class NTKGP:
     def ridge(self) -> float:
         """``λ = σ² / s²``, the shift of the training system ``Θ + λ I``."""
         return self.posterior.ridge
+
+    @property
+    def preconditioner_rank(self) -> int | None:
+        """The rank of the low-rank preconditioner built (the adaptive choice when :attr:`rank`
+        is ``None``); ``None`` before the first solve, or for Jacobi / no preconditioner."""
+        return self.posterior.preconditioner_rank
 
     @property
     def solve_info(self):
@@ -244,7 +272,7 @@ class NTKGP:
         """``f(X)`` of the frozen network, in chunks, without a graph.  # shape: (n, C)"""
         C = self.num_outputs
         with torch.no_grad():
-            out = [self._model(X[sl]).reshape(-1, C) for sl in chunks(X.shape[0], self.K.chunk_size)]
+            out = [self._model(X[sl]).reshape(-1, C) for sl in chunks(X.shape[0], self._local.chunk_size)]
         return torch.cat(out).to(self.K.dtype)
 
     def forward(self, X: Tensor) -> Tensor:
@@ -316,6 +344,7 @@ class NTKGP:
             info.seconds["factor"] = time.perf_counter() - t0
         mean = self._forward(Ksx.X1) + post.mean(Ksx).reshape(M, C)
         info.seconds["mean"] = time.perf_counter() - t0
+        info.preconditioner_rank = post.preconditioner_rank
         if not return_var:
             return mean
         t0 = time.perf_counter()
@@ -360,17 +389,20 @@ class NTKGP:
         M = Ksx.X1.shape[0]
         mean = self._forward(Ksx.X1) + post.mean(Ksx).reshape(M, C)
         info.seconds["mean"] = time.perf_counter() - t0
+        info.preconditioner_rank = post.preconditioner_rank
         t0 = time.perf_counter()
         dtype, device = self.K.dtype, self.K.device
         gen = None
         if seed is not None:
             gen = torch.Generator(device=device).manual_seed(int(seed))
-        P = self.K.num_params
+        loc, red = self._local, post.red
+        P = loc.num_params
         delta = torch.randn(P, S, dtype=dtype, device=device, generator=gen) * math.sqrt(self.prior_scale)
-        eps = torch.randn(self.n, S, dtype=dtype, device=device, generator=gen) * math.sqrt(self.noise)
+        eps = torch.randn(red.n, S, dtype=dtype, device=device, generator=gen) * math.sqrt(self.noise)
+        eps = eps[red.offset : red.offset + self.n]  # this rank's rows of one draw over all rows
         Kss = self.kernel(Ksx.X1)
         bs = post.block_size
-        prior_train = torch.cat([self.K.jvp(delta[:, sl]) for sl in chunks(S, bs)], dim=1)  # (N*C, S)
+        prior_train = torch.cat([loc.jvp(delta[:, sl]) for sl in chunks(S, bs)], dim=1)  # (N*C, S)
         prior_test = torch.cat([Kss.jvp(delta[:, sl]) for sl in chunks(S, bs)], dim=1)  # (M*C, S)
         del delta
         info.seconds["prior_samples"] = time.perf_counter() - t0

@@ -43,6 +43,8 @@ class PredictInfo(_Fields):
         num_samples: posterior samples drawn (sample mode).
         variance_relative_error: the relative standard error ``√(2/S)`` of variances estimated
             from ``S`` samples (sample mode).
+        preconditioner_rank: the rank of the training solves' low-rank preconditioner (for an
+            adaptive Nyström one, the rank it chose); ``None`` for none or Jacobi.
     """
 
     mode: str | None
@@ -58,6 +60,7 @@ class PredictInfo(_Fields):
     factor: object | None = None
     num_samples: int | None = None
     variance_relative_error: float | None = None
+    preconditioner_rank: int | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._reduce import reductions
 from ._utils import check_noise, check_operator, make_generator
 from .lanczos import _check_num_iter, _LanczosProcess
 
@@ -67,24 +68,31 @@ class LanczosBasis:
             stay in ``K``'s dtype.
 
     Attributes:
-        Q: orthonormal Lanczos vectors.  # shape: (n, m)
+        Q: orthonormal Lanczos vectors (this rank's rows for a sharded ``K``).  # shape: (n, m)
         T: the tridiagonal ``Qᵀ K Q``.  # shape: (m, m)
         steps: ``m``, the rank reached (``min(num_iter, n)``).
+
+    For an operator sharded over ``torch.distributed`` ranks (e.g.
+    :class:`ntkscale.distributed.NTKOperator`) the construction is collective: inner products go
+    through :func:`ntkscale.solvers.reductions`, the start vector is this rank's rows of the one
+    global draw, and ``Q`` (and every ``R``) holds this rank's rows; ``T`` is the same everywhere.
 
     Memory: ``n × m`` numbers of ``dtype`` (50,000 × 500 in float64: 200 MB).
     """
 
     def __init__(self, K, num_iter: int, seed: int = 0, dtype: torch.dtype | None = torch.float64):
-        n = check_operator(K)
+        check_operator(K)
+        red = reductions(K)  # sums over all rows (all ranks of a sharded K)
+        n = red.n
         m = _check_num_iter(num_iter, n)
         dtype = K.dtype if dtype is None else dtype
         gen = make_generator(seed, K.device)
-        v0 = torch.randn(n, 1, dtype=dtype, device=K.device, generator=gen)
-        proc = _LanczosProcess(_Cast(K, dtype), v0, 0.0, gen, reorthogonalize=True, capacity=m)
+        v0 = red.randn(1, gen, dtype, K.device)  # this rank's rows of one global draw
+        proc = _LanczosProcess(_Cast(K, dtype), v0, 0.0, gen, reorthogonalize=True, capacity=m, red=red)
         for _ in range(m):
             proc.step()
         self.T = proc.tridiagonal()[0]  # shape: (m, m)
-        self.Q = proc.Q[0, : proc.m].mT.contiguous()  # shape: (n, m)
+        self.Q = proc.Q[0, : proc.m].mT  # shape: (n, m); a view of the run's buffer, no copy
         del proc
         self.steps = self.T.shape[0]
         self.requested = int(num_iter)
@@ -163,10 +171,15 @@ class StochasticLogdet:
         seed: seed of the probes.
 
     Memory: the Lanczos vectors of the run, ``n × num_iter × num_probes`` numbers of ``K``'s dtype.
+
+    On an operator sharded over ``torch.distributed`` ranks the node computation is collective
+    (inner products through :func:`ntkscale.solvers.reductions`; each rank holds its rows of the
+    probes) and the estimate is the same on every rank.
     """
 
     def __init__(self, K, num_probes: int = 30, num_iter: int | None = None, seed: int = 0):
-        self.n = check_operator(K)
+        check_operator(K)
+        self.n = reductions(K).n  # rows over all ranks of a sharded K
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
         self.K = K
@@ -180,12 +193,13 @@ class StochasticLogdet:
         """``(theta, weights)`` of ``K`` (shift 0), each of shape (probes, m); computed once."""
         if self._nodes is None:
             K, n = self.K, self.n
+            red = reductions(K)
             gen = make_generator(self.seed, K.device)
-            if self.exact:
-                Z = torch.eye(n, dtype=K.dtype, device=K.device)
+            if self.exact:  # this rank's rows of the n unit vectors
+                Z = torch.eye(n, dtype=K.dtype, device=K.device)[red.offset : red.offset + red.n_local]
             else:
-                Z = torch.randint(0, 2, (n, self.num_probes), generator=gen, device=K.device).to(K.dtype) * 2 - 1
-            proc = _LanczosProcess(K, Z, 0.0, gen, reorthogonalize=True, capacity=self.num_iter)
+                Z = red.rademacher(self.num_probes, gen, K.dtype, K.device)
+            proc = _LanczosProcess(K, Z, 0.0, gen, reorthogonalize=True, capacity=self.num_iter, red=red)
             for _ in range(self.num_iter):
                 proc.step()
             theta, S = torch.linalg.eigh(proc.tridiagonal())  # shape: (b, m), (b, m, m)

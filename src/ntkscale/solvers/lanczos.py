@@ -37,10 +37,11 @@ class _LanczosProcess:
     """
 
     def __init__(
-        self, K, V0: torch.Tensor, noise: float, gen: torch.Generator, reorthogonalize: bool, capacity: int
+        self, K, V0: torch.Tensor, noise: float, gen: torch.Generator, reorthogonalize: bool, capacity: int,
+        red=None,
     ):
         self.K, self.noise, self.gen, self.reorth = K, noise, gen, reorthogonalize
-        self.red = reductions(K)  # sums over all rows (all ranks of a sharded K)
+        self.red = reductions(K) if red is None else red  # sums over all rows (all ranks of a sharded K)
         n_local, self.b = V0.shape
         self.n = self.red.n
         self.eps = torch.finfo(V0.dtype).eps
