@@ -34,6 +34,7 @@ class KernelSpaceProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, V: Tensor, reduce: Reduction, impl: str, L: int, *factors: Tensor) -> Tensor:
+        """``Θ(1, 2) V`` by ``reduce``; the factors are saved for the backward pass."""
         ctx.reduce, ctx.impl, ctx.L = reduce, impl, L
         ctx.save_for_backward(*factors)
         A1, G1, A2, G2 = _split(factors, L)
@@ -41,6 +42,7 @@ class KernelSpaceProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """Gradient with respect to ``V``: the same reduction with the two sides swapped."""
         factors = ctx.saved_tensors
         A1, G1, A2, G2 = _split(factors, ctx.L)
         if any(ctx.needs_input_grad[4:]):
