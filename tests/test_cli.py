@@ -120,3 +120,11 @@ def test_bench_unknown_suite_is_refused_with_the_list(capsys):
     assert {"matvec", "crossover", "gram", "auto"} <= set(suites)
     for name in suites:
         assert name in err
+
+
+def test_bench_takes_suites_by_position(capsys):
+    """`ntkscale bench peers nosuch` reads the suite names as `--only` does (and refuses the
+    unknown one before running anything)."""
+    assert main(["bench", "peers", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "'nosuch'" in err and "'peers'" not in err

@@ -217,7 +217,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    wanted = list(dict.fromkeys(args.only or []))
+    wanted = list(dict.fromkeys([*(args.suites or []), *(args.only or [])]))
     unknown = [n for n in wanted if n not in suites]
     if unknown:
         print(
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device to benchmark on (default: cpu)")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
     p.add_argument("--quick", action="store_true", help="the small preset of every benchmark")
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help="run only these suites, e.g. `ntkscale bench peers` (the same as --only)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these suites (e.g. matvec gram; an unknown name lists the suites)")
     p.set_defaults(func=_cmd_bench)
