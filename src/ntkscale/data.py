@@ -367,7 +367,7 @@ def _image_dataset(name, Xtr, ytr, Xte, yte, n_train, n_test, seed, one_hot, num
     tr = np.sort(gen.permutation(len(ytr))[:n_train])
     te = np.sort(gen.permutation(len(yte))[:n_test])
     Xtr = Xtr[tr].reshape(n_train, -1).astype(np.float32) / 255.0
-    Xte = Xte[te].reshape(n_test, -1).astype(np.float32) / 255.0
+    Xte = Xte[te].reshape(n_test, Xtr.shape[1]).astype(np.float32) / 255.0  # n_test may be 0
     mu, sd = float(Xtr.mean()), float(Xtr.std()) or 1.0
 
     def targets(labels: np.ndarray) -> Tensor:
