@@ -38,6 +38,28 @@ def test_digits_labels_and_determinism():
     assert not torch.equal(a.X_train, c.X_train)
 
 
+def test_raw_digits_and_standardize_against_scikit_learn():
+    """``standardized=False`` keeps scikit-learn's pixels; :func:`data.standardize` of them is
+    StandardScaler fit on the training split, and gives the default (standardized) loader."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.preprocessing import StandardScaler
+
+    raw = data.digits(n_train=200, n_test=60, seed=2, one_hot=False, standardized=False)
+    ref = load_digits()
+    # each raw row is one of scikit-learn's images, with its label
+    for row, label in zip(raw.X_train.double().numpy(), raw.y_train.tolist()):
+        assert label in ref.target[(ref.data == row).all(1)]
+    Xtr, Xte = raw.X_train.double().numpy(), raw.X_test.double().numpy()
+    a, b = data.standardize(Xtr, Xte)
+    scaler = StandardScaler().fit(Xtr)
+    np.testing.assert_allclose(a, scaler.transform(Xtr), atol=1e-12)
+    np.testing.assert_allclose(b, scaler.transform(Xte), atol=1e-12)
+    std = data.digits(n_train=200, n_test=60, seed=2, one_hot=False)
+    assert torch.allclose(std.X_train, torch.from_numpy(a).float(), atol=1e-6)
+    assert torch.allclose(std.X_test, torch.from_numpy(b).float(), atol=1e-6)
+
+
 def test_digits_disjoint_split():
     ds = data.digits(n_train=1000, n_test=797, seed=0)
     rows = torch.cat([ds.X_train, ds.X_test])
