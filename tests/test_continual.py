@@ -209,3 +209,13 @@ def test_divergence_is_reported(tmp_path):
     with pytest.raises(ExperimentError, match="diverged"):
         run_study(continual.STUDY, out=tmp_path, overrides={**TINY, "lr": 1e30, "regimes": ["early_stopped"]},
                   **_quiet())
+
+
+@pytest.mark.parametrize("family", ["permuted", "rotated"])
+def test_tasks_without_test_images(family):
+    """``n_test=0``: empty test splits, training splits as with test images."""
+    tasks = continual.task_sequence(family, 3, seed=2, n_train=40, n_test=0)
+    ref = continual.task_sequence(family, 3, seed=2, n_train=40, n_test=5)
+    for t, r in zip(tasks, ref):
+        assert t.X_test.shape == (0, 64) and t.y_test.shape == (0,)
+        assert torch.equal(t.X_train, r.X_train) and torch.equal(t.y_train, r.y_train)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import pickle
+import struct
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +36,28 @@ def test_digits_labels_and_determinism():
     assert torch.equal(a.X_test, b.X_test)
     c = data.digits(n_train=50, n_test=20, seed=4)
     assert not torch.equal(a.X_train, c.X_train)
+
+
+def test_raw_digits_and_standardize_against_scikit_learn():
+    """``standardized=False`` keeps scikit-learn's pixels; :func:`data.standardize` of them is
+    StandardScaler fit on the training split, and gives the default (standardized) loader."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.preprocessing import StandardScaler
+
+    raw = data.digits(n_train=200, n_test=60, seed=2, one_hot=False, standardized=False)
+    ref = load_digits()
+    # each raw row is one of scikit-learn's images, with its label
+    for row, label in zip(raw.X_train.double().numpy(), raw.y_train.tolist()):
+        assert label in ref.target[(ref.data == row).all(1)]
+    Xtr, Xte = raw.X_train.double().numpy(), raw.X_test.double().numpy()
+    a, b = data.standardize(Xtr, Xte)
+    scaler = StandardScaler().fit(Xtr)
+    np.testing.assert_allclose(a, scaler.transform(Xtr), atol=1e-12)
+    np.testing.assert_allclose(b, scaler.transform(Xte), atol=1e-12)
+    std = data.digits(n_train=200, n_test=60, seed=2, one_hot=False)
+    assert torch.allclose(std.X_train, torch.from_numpy(a).float(), atol=1e-6)
+    assert torch.allclose(std.X_test, torch.from_numpy(b).float(), atol=1e-6)
 
 
 def test_digits_disjoint_split():
@@ -83,3 +109,31 @@ def test_missing_sklearn_names_the_extra(monkeypatch):
         data.digits()
     # regression1d needs no scikit-learn
     assert data.regression1d(n=5).X_train.shape == (5, 1)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_image_sets_without_a_test_split(tmp_path, one_hot):
+    """``n_test=0`` gives an empty test split of the right shapes and the same training subset."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, 12))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), b"labels": [1, 2, 3, 4]}, f)
+    for load, d in ((data.mnist, 784), (data.cifar10, 3072)):
+        ds = load(tmp_path, n_train=8, n_test=0, seed=3, one_hot=one_hot)
+        with_test = load(tmp_path, n_train=8, n_test=2, seed=3, one_hot=one_hot)
+        assert ds.X_test.shape == (0, d) and ds.X_test.dtype == torch.float32
+        assert ds.y_test.shape == ((0, 10) if one_hot else (0,))
+        assert torch.equal(ds.X_train, with_test.X_train) and torch.equal(ds.y_train, with_test.y_train)

@@ -185,6 +185,33 @@ def test_structured_factor_cache_and_recompute(refs, case, monkeypatch):
     assert len(calls) > before  # recomputed chunk by chunk
 
 
+def test_kernel_space_factors_are_cached_within_the_factor_budget(refs, monkeypatch):
+    """The kernel-space backends copy each side's dense-layer factors into contiguous
+    kernel-space factors once, not on every product; when the factors and these copies
+    together exceed the factor budget, they are copied per product with the same result."""
+    from ntkscale.backends.structured import StructuredBackend
+
+    model, X, Xt, Kref, Ksref = refs["mlp-C3"]
+    calls = []
+    real = StructuredBackend._kernel_factors
+    monkeypatch.setattr(StructuredBackend, "_kernel_factors", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    V = torch.randn(X.shape[0] * 3, 2, dtype=torch.float64)
+    K = nks.NTKOperator(model, X, backend="cuda")
+    for _ in range(3):
+        close(K @ V, Kref @ V)
+    close(K.to_dense(), Kref)
+    assert len(calls) == 1  # one square side, copied once
+    Ks = nks.NTKOperator(model, Xt, X, backend="cuda")
+    for _ in range(3):
+        close(Ks @ V, Ksref @ V)
+    assert len(calls) == 3  # and once per side of a cross-kernel
+    tight = nks.NTKOperator(model, X, backend="cuda", factor_budget=K.factor_bytes())
+    before = len(calls)
+    for _ in range(3):
+        close(tight @ V, Kref @ V)
+    assert len(calls) == before + 3  # factors cached, their copies past the budget: per product
+
+
 def test_factor_memory_is_reported():
     model, X, Xt = make("mlp-C3")
     K = nks.NTKOperator(model, X, backend="structured")

@@ -101,10 +101,11 @@ def test_spectrum_by_lanczos_equals_eigvalsh(tmp_path):
     J = torch.cat([j.reshape(21, -1) for j in jac.values()], dim=1)
     ref = torch.linalg.eigvalsh(J @ J.T)
     spec = conditioning.spectrum(model, X)
-    assert spec["converged"] and not spec["singular"]
-    assert spec["lambda_max"] == pytest.approx(ref[-1].item(), rel=1e-9)
-    assert spec["lambda_min"] == pytest.approx(ref[0].item(), rel=1e-6)
-    assert spec["condition_number"] == pytest.approx((ref[-1] / ref[0]).item(), rel=1e-6)
+    assert isinstance(spec, conditioning.Spectrum)
+    assert spec.converged and not spec.singular
+    assert spec.lambda_max == pytest.approx(ref[-1].item(), rel=1e-9)
+    assert spec.lambda_min == pytest.approx(ref[0].item(), rel=1e-6)
+    assert spec.condition_number == pytest.approx((ref[-1] / ref[0]).item(), rel=1e-6)
 
 
 def test_spectrum_of_a_rank_deficient_gram_is_zero():
@@ -112,8 +113,8 @@ def test_spectrum_of_a_rank_deficient_gram_is_zero():
     torch.manual_seed(0)
     model = MLP(2, [2], 4)  # P = 2·2 + 2 + 2·4 + 4 = 18 < N·C = 40
     spec = conditioning.spectrum(model, torch.randn(10, 2))
-    assert spec["singular"] and spec["lambda_min"] == 0.0 and spec["condition_number"] is None
-    assert spec["lambda_max"] > 0
+    assert spec.singular and spec.lambda_min == 0.0 and spec.condition_number is None
+    assert spec.lambda_max > 0
 
 
 def test_conditioning_sweep_invariants_and_resume(tmp_path):
@@ -158,7 +159,7 @@ def test_ngd_fits_the_linear_regime_fastest():
     torch.manual_seed(0)
     model = conditioning.build_model(config, "mlp", 256, 1, "ntk", shape, 10)
     spec = conditioning.spectrum(model, X)
-    out = conditioning.train_curves(model, X, Y, {**config, "steps": 3}, spec["lambda_max"],
+    out = conditioning.train_curves(model, X, Y, {**config, "steps": 3}, spec.lambda_max,
                                     _ctx(None))
     c = out["curves"]
     assert c["ngd"][-1] < 1e-2 * c["ngd"][0]

@@ -1,7 +1,7 @@
 """Small data sets that ship with a dependency or are synthesized; nothing is downloaded.
 
 Every loader returns a :class:`Dataset` of float32 tensors with inputs standardized by the
-training split's statistics. Classification targets are one-hot ``(N, C)`` float32 (the form
+training split's statistics (:func:`standardize`; ``digits(standardized=False)`` keeps raw pixels). Classification targets are one-hot ``(N, C)`` float32 (the form
 regression onto targets and the NTK operator's ``(sample, output)`` rows want) or class indices
 ``(N,)`` int64 with ``one_hot=False``. Regression targets are ``(N, 1)``.
 
@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "mnist",
     "regression1d",
+    "standardize",
     "wine",
 ]
 
@@ -110,8 +111,18 @@ def _sklearn_datasets():
     return datasets
 
 
-def _standardize(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Zero mean, unit variance per feature, by the training split; constant features stay 0."""
+def standardize(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero mean, unit variance per feature, by the statistics of the training split.
+
+    Features constant on the training split are only centred (they stay 0 there).
+
+    Args:
+        X_train: training inputs.  # shape: (N, D), a NumPy array
+        X_test: test inputs, scaled by the training split's mean and standard deviation.  # shape: (M, D)
+
+    Returns:
+        The standardized ``(X_train, X_test)``.
+    """
     mu = X_train.mean(0)
     sd = X_train.std(0)
     sd = np.where(sd > 1e-8, sd, 1.0)
@@ -135,11 +146,13 @@ def _split(
 
 
 def _classification(
-    name: str, X: np.ndarray, y: np.ndarray, n_train: int, n_test: int, seed: int, one_hot: bool
+    name: str, X: np.ndarray, y: np.ndarray, n_train: int, n_test: int, seed: int, one_hot: bool,
+    scale: bool = True,
 ) -> Dataset:
     num_classes = int(y.max()) + 1
     Xtr, ytr, Xte, yte = _split(X.astype(np.float64), y.astype(np.int64), n_train, n_test, seed, name)
-    Xtr, Xte = _standardize(Xtr, Xte)
+    if scale:
+        Xtr, Xte = standardize(Xtr, Xte)
 
     def targets(labels: np.ndarray) -> Tensor:
         t = torch.from_numpy(labels)
@@ -166,7 +179,9 @@ def _fraction_split(n: int, n_train: int | None, n_test: int | None, test_fracti
     return n_train, n_test
 
 
-def digits(n_train: int = 1000, n_test: int = 500, seed: int = 0, one_hot: bool = True) -> Dataset:
+def digits(
+    n_train: int = 1000, n_test: int = 500, seed: int = 0, one_hot: bool = True, standardized: bool = True
+) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1797 samples, 64 features, 10 classes).
 
     Args:
@@ -174,16 +189,19 @@ def digits(n_train: int = 1000, n_test: int = 500, seed: int = 0, one_hot: bool 
         n_test: test samples, disjoint from the training ones (``n_train + n_test <= 1797``).
         seed: seed of the random split.
         one_hot: targets as one-hot float32 ``(N, 10)``; ``False`` gives int64 labels ``(N,)``.
+        standardized: standardize the inputs per pixel by the training split (see
+            :func:`standardize`); ``False`` keeps the raw intensities 0..16 (to transform the
+            images before standardizing them).
 
     Returns:
-        A :class:`Dataset` with inputs standardized per pixel by the training split.
+        A :class:`Dataset` with inputs standardized per pixel by the training split, or raw.
 
     Raises:
         ImportError: scikit-learn is not installed.
         ValueError: the split asks for more samples than there are.
     """
     ds = _sklearn_datasets().load_digits()
-    return _classification("digits", ds.data, ds.target, n_train, n_test, seed, one_hot)
+    return _classification("digits", ds.data, ds.target, n_train, n_test, seed, one_hot, standardized)
 
 
 def wine(
@@ -367,7 +385,7 @@ def _image_dataset(name, Xtr, ytr, Xte, yte, n_train, n_test, seed, one_hot, num
     tr = np.sort(gen.permutation(len(ytr))[:n_train])
     te = np.sort(gen.permutation(len(yte))[:n_test])
     Xtr = Xtr[tr].reshape(n_train, -1).astype(np.float32) / 255.0
-    Xte = Xte[te].reshape(n_test, -1).astype(np.float32) / 255.0
+    Xte = Xte[te].reshape(n_test, Xtr.shape[1]).astype(np.float32) / 255.0  # n_test may be 0
     mu, sd = float(Xtr.mean()), float(Xtr.std()) or 1.0
 
     def targets(labels: np.ndarray) -> Tensor:

@@ -452,8 +452,8 @@ class StructuredBackend(Backend):
 
         f1 = self._whole(data, X1)
         f2 = f1 if (X2 is X1) else self._whole(data, X2)
-        A1, G1 = self._kernel_factors(f1, idx)
-        A2, G2 = self._kernel_factors(f2, idx)
+        A1, G1 = self._kernel_side(data, X1, f1, idx, dense_layers)
+        A2, G2 = (A1, G1) if X2 is X1 else self._kernel_side(data, X2, f2, idx, dense_layers)
         out = gram_block(A1, G1, A2, G2)  # (n1*C, n2*C): GEMMs over the factors, cheap per row
         if rest is not None:
             out += self._rest_backend.gram(rest, X1, X2)
@@ -493,6 +493,33 @@ class StructuredBackend(Backend):
             G_out.append(G.contiguous())
         return A_out, G_out
 
+    def _kernel_side(self, data: KernelData, X: Tensor, fac: Factors, idx, layers: list[int]):
+        """Kernel-space factors of the dense ``layers`` of side ``X`` (see :meth:`_kernel_factors`).
+
+        For a data side whose per-layer factors are cached they are built once and cached too
+        (their contiguous copies would otherwise be remade on every product), as long as the
+        side's factors and these copies together fit the factor budget."""
+        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        entry = data.cache.get(name) if name else None
+        if entry is None or entry[1] is not fac or entry[0] != data.signature(X):
+            return self._kernel_factors(fac, idx, layers)  # factors not cached: nor are these
+        size = fac.A[0].element_size()
+        extra = sum(
+            fac.A[l].shape[0] * ((fac.A[l].shape[2] if idx[l][0] is not None else 0) + (idx[l][1] is not None))
+            + fac.G[l].shape[0] * fac.G[l].shape[1] * fac.G[l].shape[3]
+            for l in layers
+        ) * size
+        budget = data.factor_budget or DEFAULT_FACTOR_BUDGET
+        if fac.nbytes() + extra > budget:
+            if not data.cache.get(f"kernel-{name}-warned"):
+                data.cache[f"kernel-{name}-warned"] = True
+                log.info(
+                    "ntkscale: kernel-space factors (%.2f GiB more) exceed the factor budget "
+                    "%.2f GiB; copying them on every product", extra / 2**30, budget / 2**30,
+                )
+            return self._kernel_factors(fac, idx, layers)
+        return data.cached(f"kernel-{name}", (X,), lambda: self._kernel_factors(fac, idx, layers))
+
     def _kernel_space_matmul(self, data: KernelData, V: Tensor) -> Tensor:
         from ..reductions.core import kernel_space_matmul
 
@@ -500,8 +527,8 @@ class StructuredBackend(Backend):
         dense = self._dense_layers(data)
         f1 = self._whole(data, data.X1)
         f2 = f1 if data.square else self._whole(data, data.X2)
-        A1, G1 = self._kernel_factors(f1, idx, dense)
-        A2, G2 = self._kernel_factors(f2, idx, dense)
+        A1, G1 = self._kernel_side(data, data.X1, f1, idx, dense)
+        A2, G2 = (A1, G1) if data.square else self._kernel_side(data, data.X2, f2, idx, dense)
         impl = self.kernel_impl
         if impl == "cuda" and V.device.type != "cuda":
             impl = "cpp"  # the csrc kernel's CPU twin

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from ..operator import NTKOperator
 from ..solvers import ConvergenceWarning, eigvalsh_extremes
 from .runner import Context, ExperimentError, Outcome, Study, new_figure, run_study, save_figure
 
-__all__ = ["ConditioningConfig", "QUICK", "FULL", "STUDY", "run", "spectrum", "build_model", "train_curves"]
+__all__ = ["ConditioningConfig", "QUICK", "FULL", "STUDY", "run", "Spectrum", "spectrum", "build_model", "train_curves"]
 
 OPTIMIZERS = ("ngd", "gd", "adam")
 
@@ -157,7 +157,39 @@ def build_model(config: dict, architecture: str, width: int, depth: int, paramet
 
 
 # -- the measurements ------------------------------------------------------------------------------
-def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class Spectrum:
+    """Extreme eigenvalues of the NTK Gram ``JJᵀ`` (see :func:`spectrum`).
+
+    Attributes:
+        lambda_min: the smallest eigenvalue; 0 when ``singular``.
+        lambda_max: the largest eigenvalue.
+        condition_number: ``lambda_max / lambda_min``; ``None`` when ``singular``.
+        singular: whether the smallest Ritz value is ``≤ n · eps · λ_max`` (singular to
+            working precision).
+        lambda_min_ritz: the smallest Ritz value itself (also when ``singular``).
+        lambda_min_bound: Lanczos error bound of ``lambda_min_ritz``.
+        lambda_max_bound: Lanczos error bound of ``lambda_max``.
+        iterations: Lanczos iterations run.
+        converged: whether both ends converged (or the whole Krylov space was spanned).
+        n: the Gram's size ``N·C``.
+        warnings: messages of the convergence warnings Lanczos raised.
+    """
+
+    lambda_min: float
+    lambda_max: float
+    condition_number: float | None
+    singular: bool
+    lambda_min_ritz: float
+    lambda_min_bound: float
+    lambda_max_bound: float
+    iterations: int
+    converged: bool
+    n: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int = 0) -> Spectrum:
     """Extreme eigenvalues of ``JJᵀ`` (the NTK Gram on ``X``) by Lanczos in float64.
 
     Args:
@@ -167,9 +199,8 @@ def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int
         seed: seed of the start vector.
 
     Returns:
-        ``{"lambda_min", "lambda_max", "condition_number", "singular", "iterations",
-        "converged", "lambda_min_bound", "lambda_max_bound", "n"}``; ``lambda_min`` is 0 and
-        ``condition_number`` ``None`` when the smallest Ritz value is ``≤ n · eps · λ_max``.
+        A :class:`Spectrum`; its ``lambda_min`` is 0 and ``condition_number`` ``None`` when the
+        smallest Ritz value is ``≤ n · eps · λ_max``.
     """
     K = NTKOperator(model, X, dtype=torch.float64)
     n = K.shape[-1]
@@ -179,19 +210,19 @@ def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int
         res = eigvalsh_extremes(K, k=1, num_iter=iters, tol=1e-10, seed=seed)
     lmax, lmin = res.largest[0].item(), res.smallest[0].item()
     singular = lmin <= n * torch.finfo(torch.float64).eps * lmax
-    return {
-        "lambda_min": 0.0 if singular else lmin,
-        "lambda_max": lmax,
-        "condition_number": None if singular else lmax / lmin,
-        "singular": bool(singular),
-        "lambda_min_ritz": lmin,
-        "lambda_min_bound": res.smallest_error_bounds[0].item(),
-        "lambda_max_bound": res.largest_error_bounds[0].item(),
-        "iterations": res.iterations,
-        "converged": bool(res.converged or res.iterations >= n),
-        "n": n,
-        "warnings": [str(w.message) for w in caught],
-    }
+    return Spectrum(
+        lambda_min=0.0 if singular else lmin,
+        lambda_max=lmax,
+        condition_number=None if singular else lmax / lmin,
+        singular=bool(singular),
+        lambda_min_ritz=lmin,
+        lambda_min_bound=res.smallest_error_bounds[0].item(),
+        lambda_max_bound=res.largest_error_bounds[0].item(),
+        iterations=res.iterations,
+        converged=bool(res.converged or res.iterations >= n),
+        n=n,
+        warnings=[str(w.message) for w in caught],
+    )
 
 
 def _mse(model: nn.Module, X: Tensor, Y: Tensor) -> float:
@@ -305,7 +336,7 @@ def run_configuration(config: dict, configuration: dict, ctx: Context) -> Outcom
     model = build_model(config, arch, width, depth, p, shape, Y.shape[1]).to(ctx.device)
     P = sum(q.numel() for q in model.parameters())
     spec = spectrum(model, X, num_iter=config["lanczos_iter"], seed=ctx.configuration_seed)
-    train = train_curves(model, X, Y, config, spec["lambda_max"], ctx)
+    train = train_curves(model, X, Y, config, spec.lambda_max, ctx)
     stab = stability_constant(model, X, train["params"], config, ctx)
     curves = train["curves"]
     row = {
@@ -316,15 +347,15 @@ def run_configuration(config: dict, configuration: dict, ctx: Context) -> Outcom
         "num_samples": X.shape[0],
         "num_parameters": P,
         "rank_deficient": X.shape[0] * Y.shape[1] > P,
-        "lambda_min": spec["lambda_min"],
-        "lambda_max": spec["lambda_max"],
-        "condition_number": spec["condition_number"],
+        "lambda_min": spec.lambda_min,
+        "lambda_max": spec.lambda_max,
+        "condition_number": spec.condition_number,
         "stability_constant": stab["value"],
         "final_loss": {k: (c[-1] if len(c) == config["steps"] + 1 else None) for k, c in curves.items()},
         "loss_curves": curves,
     }
     extras = {
-        "spectrum": {k: v for k, v in spec.items() if k not in ("lambda_min", "lambda_max", "condition_number")},
+        "spectrum": {k: v for k, v in asdict(spec).items() if k not in ("lambda_min", "lambda_max", "condition_number")},
         "stability": stab,
         "gd_lr": train["gd_lr"],
         "ngd_cg_iterations": train["ngd_cg_iterations"],

@@ -48,7 +48,6 @@ GPU.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,19 +197,9 @@ class Task:
     y_test: Tensor
 
 
-@functools.lru_cache(maxsize=1)
-def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (1797, 64) float64 pixel intensities 0..16 and int64 labels."""
-    ds = nks_data._sklearn_datasets().load_digits()
-    X, y = ds.data.astype(np.float64), ds.target.astype(np.int64)
-    X.setflags(write=False)
-    y.setflags(write=False)
-    return X, y
-
-
 def _rotate(images: np.ndarray, degrees: float) -> np.ndarray:
     """Rotate (n, 8, 8) images about their centre: bilinear, zero outside."""
-    if degrees == 0:
+    if degrees == 0 or images.shape[0] == 0:  # nothing to rotate (grid_sample needs a sample)
         return images.copy()
     x = torch.from_numpy(images).double().unsqueeze(1)
     a = math.radians(degrees)
@@ -242,8 +231,9 @@ def task_sequence(family: str, num_tasks: int, seed: int = 0, n_train: int = 129
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not (isinstance(num_tasks, int) and num_tasks >= 1):
         raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-    X, y = _raw_digits()
-    Xtr, ytr, Xte, yte = nks_data._split(X, y, n_train, n_test, seed, "digits")
+    raw = nks_data.digits(n_train, n_test, seed=seed, one_hot=False, standardized=False)  # intensities 0..16
+    Xtr, Xte = raw.X_train.double().numpy(), raw.X_test.double().numpy()
+    ytr, yte = raw.y_train.numpy(), raw.y_test.numpy()
     rng = np.random.default_rng([seed, FAMILIES.index(family), 7919])
     tasks = []
     for k in range(num_tasks):
@@ -255,7 +245,7 @@ def task_sequence(family: str, num_tasks: int, seed: int = 0, n_train: int = 129
             a = _rotate(Xtr.reshape(-1, 8, 8), deg).reshape(-1, 64)
             b = _rotate(Xte.reshape(-1, 8, 8), deg).reshape(-1, 64)
             name = f"rotated {deg:g}°"
-        a, b = nks_data._standardize(a, b)
+        a, b = nks_data.standardize(a, b)
         tasks.append(Task(name, torch.from_numpy(a).float(), torch.from_numpy(ytr.copy()),
                           torch.from_numpy(b).float(), torch.from_numpy(yte.copy())))
     return tasks
