@@ -11,7 +11,7 @@ from . import distributed, kernels, metrics, models, settings
 from .gp import NegativeVarianceWarning, NTKClassifierGP, NTKGP, ggn_kernel
 from .jacobian import JacobianDifference, JacobianDifferenceOperator, jacobian_difference_norm
 from .ngd import FunctionSpaceNGD, ngd_step
-from .operator import NonDeterministicModelError, NTKOperator, SmallChunkWarning
+from .operator import NonDeterministicModelError, NTKOperator, ProductCount, SmallChunkWarning, count_products
 from .solvers import (
     ConvergenceWarning,
     SingularKernelError,
@@ -40,6 +40,8 @@ __all__ = [
     "settings",
     "NTKOperator",
     "NonDeterministicModelError",
+    "ProductCount",
+    "count_products",
     "SingularKernelError",
     "SmallChunkWarning",
     "SolveInfo",

@@ -40,11 +40,46 @@ from .functional import (
     select_parameters,
 )
 
-__all__ = ["NTKOperator", "NonDeterministicModelError", "SmallChunkWarning"]
+__all__ = ["NTKOperator", "NonDeterministicModelError", "ProductCount", "count_products", "SmallChunkWarning"]
 
 log = logging.getLogger("ntkscale")
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for temporaries: activations of a chunk, Jacobian blocks
+
+
+@dataclass
+class ProductCount:
+    """What :func:`count_products` saw: products with any ``NTKOperator``, their columns, and
+    explicit ``to_dense()`` calls."""
+
+    products: int = 0
+    columns: int = 0
+    dense: int = 0
+
+
+_COUNTERS: list[ProductCount] = []
+
+
+class count_products:  # noqa: N801 (a context manager used like a function)
+    """Count the products and explicit matrices of every ``NTKOperator`` inside a ``with`` block
+    — e.g. to check that a path (GPyTorch's CG, a solver) never forms the dense kernel.
+
+    Example:
+        >>> import torch, ntkscale as nks
+        >>> K = nks.NTKOperator(torch.nn.Linear(3, 2), torch.randn(4, 3))
+        >>> with nks.count_products() as n:
+        ...     _ = K @ torch.randn(8, 3)
+        >>> (n.products, n.columns, n.dense)
+        (1, 3, 0)
+    """
+
+    def __enter__(self) -> ProductCount:
+        self.count = ProductCount()
+        _COUNTERS.append(self.count)
+        return self.count
+
+    def __exit__(self, *exc) -> None:
+        _COUNTERS.remove(self.count)
 
 
 class NonDeterministicModelError(ValueError):
@@ -385,6 +420,9 @@ class NTKOperator(LinearOperator):
         # rhs: shape (n_cols, k) -> (n_rows, k)
         st, C = self._st, self.num_outputs
         k = rhs.shape[-1]
+        for count in _COUNTERS:
+            count.products += 1
+            count.columns += k
         N2 = self.X2.shape[0]
         if st.cols is None:
             V = rhs.reshape(N2, C, k)
@@ -437,6 +475,8 @@ class NTKOperator(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """The explicit matrix, shape (rows, cols). O(rows·cols) memory; computed on each call."""
+        for count in _COUNTERS:
+            count.dense += 1
         st = self._st
         if torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in self._args):
             # differentiable with respect to the data and parameters: through the products'
