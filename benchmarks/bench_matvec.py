@@ -7,6 +7,10 @@ which records the graphs, timed separately) and recomputed (the fallback beyond 
 and the structured matvec with 1 and 8 right-hand sides (its one-off factor pass timed
 separately). Writes JSON with the ratios and the environment.
 
+Each timed call's floating-point operations are also counted once (``torch``'s
+``FlopCounterMode``: matrix products, the work that sets these times) and reported as multiples of
+the training step's: the arithmetic floor of each ratio, whatever the efficiency of the kernels.
+
     python benchmarks/bench_matvec.py --out results/bench/matvec.json
     python benchmarks/bench_matvec.py --quick --out results/bench/matvec_quick.json
 """
@@ -17,10 +21,19 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from _common import environment, interleaved, mlp, write_json
 
 import ntkscale as nks
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of ``fn`` (torch's operation-level counter)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def main(argv=None) -> dict:
@@ -61,18 +74,17 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     K_ad @ v  # the first product: one forward and one recorded backward, then the JVP
     first = time.perf_counter() - t0
-    t = interleaved(
-        {
-            "train_step": train_step,
-            "autodiff_1": lambda: K_ad @ v,
-            "autodiff_8": lambda: K_ad @ V8,
-            "recomputed_1": lambda: K_rc @ v,
-            "recomputed_8": lambda: K_rc @ V8,
-            "structured_1": lambda: K_st @ v,
-            "structured_8": lambda: K_st @ V8,
-        },
-        repeats=args.repeats,
-    )
+    calls = {
+        "train_step": train_step,
+        "autodiff_1": lambda: K_ad @ v,
+        "autodiff_8": lambda: K_ad @ V8,
+        "recomputed_1": lambda: K_rc @ v,
+        "recomputed_8": lambda: K_rc @ V8,
+        "structured_1": lambda: K_st @ v,
+        "structured_8": lambda: K_st @ V8,
+    }
+    flops = {name: count_flops(f) for name, f in calls.items()}
+    t = interleaved(calls, repeats=args.repeats)
     m = {k: r["median_s"] for k, r in t.items()}
     doc = {
         "benchmark": "matvec",
@@ -92,12 +104,19 @@ def main(argv=None) -> dict:
             "recomputed_8_over_train_step": m["recomputed_8"] / m["train_step"],
             "structured_1_over_train_step": m["structured_1"] / m["train_step"],
             "autodiff_1_over_structured_1": m["autodiff_1"] / m["structured_1"],
+            "structured_8_over_train_step": m["structured_8"] / m["train_step"],
             "structured_8_over_structured_1": m["structured_8"] / m["structured_1"],
         },
+        "flops": flops,
+        "flop_ratios": {f"{k}_over_train_step": flops[k] / flops["train_step"]
+                        for k in calls if k != "train_step"},
+        "auto_backend": nks.NTKOperator(model, X).backend,
     }
     write_json(args.out, doc)
     for k, r in doc["ratios"].items():
         print(f"{k:32s} {r:6.2f}")
+    for k, r in doc["flop_ratios"].items():
+        print(f"flops {k:26s} {r:6.2f}")
     return doc
 
 
