@@ -50,6 +50,23 @@ def test_first_product_with_several_columns(k):
     torch.testing.assert_close(lin @ V, rec @ V, rtol=0, atol=1e-12)  # and from the cache
 
 
+@pytest.mark.filterwarnings("ignore::ntkscale.SmallChunkWarning")
+@pytest.mark.parametrize("chunk_size", [25, 400])
+def test_several_columns_in_small_and_large_chunks(chunk_size):
+    """Small chunks send several right-hand sides through one batched backward; chunks whose
+    activations pass ``BATCHED_COLUMNS_MAX_BYTES`` (400 samples here: about 3 MiB) one at a time.
+    Both agree with the recomputed products."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                          nn.Linear(256, 2)).double()
+    X = torch.randn(400, 8, dtype=torch.float64)
+    lin, rec = _pair(model, X, chunk_size=chunk_size)
+    g = torch.Generator().manual_seed(1)
+    lin @ torch.randn(800, 1, generator=g, dtype=torch.float64)  # builds the linearization
+    V = torch.randn(800, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(lin @ V, rec @ V, rtol=1e-12, atol=1e-10)
+
+
 def test_cross_kernel_and_blocks():
     model, X, Xt = make("cnn-C2", n=8, m=5)
     lin, rec = _pair(model, Xt, X)

@@ -32,7 +32,8 @@ __all__ = ["AutodiffBackend"]
 log = logging.getLogger("ntkscale")
 
 # right-hand sides per (vmap-ed) backward pass of a linearized chunk in Jᵀ V: the default chunk
-# leaves room for eight activation copies (see functional.default_chunk_size)
+# leaves room for eight activation copies (see functional.default_chunk_size); large chunks take
+# one column per pass (linearization.BATCHED_COLUMNS_MAX_BYTES)
 _COLUMNS_PER_PASS = 8
 
 
