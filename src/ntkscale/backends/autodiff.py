@@ -31,12 +31,6 @@ __all__ = ["AutodiffBackend"]
 
 log = logging.getLogger("ntkscale")
 
-# right-hand sides per (vmap-ed) backward pass of a linearized chunk in Jᵀ V: the default chunk
-# leaves room for eight activation copies (see functional.default_chunk_size); large chunks take
-# one column per pass (linearization.BATCHED_COLUMNS_MAX_BYTES)
-_COLUMNS_PER_PASS = 8
-
-
 def _rows_per_chunk(data: KernelData, k: int) -> int:
     """Samples per pass with k right-hand sides: the budgeted chunk holds up to four of them;
     beyond that the chunk shrinks so the k-fold tangents and cotangents stay within budget."""
@@ -97,10 +91,10 @@ class AutodiffBackend(Backend):
         if lin is not None:
             first = lin.take_first()  # Jᵀ V[..., 0] from the pass that built the linearization
             if first is None:
-                return lin.vjp(V, _COLUMNS_PER_PASS)
+                return lin.vjp(V)
             if k == 1:
                 return first
-            rest = lin.vjp(V[..., 1:], _COLUMNS_PER_PASS)
+            rest = lin.vjp(V[..., 1:])
             return tuple(torch.cat([a, b], dim=0) for a, b in zip(first, rest))
         return self._vjp_recomputed(data, X, V)
 

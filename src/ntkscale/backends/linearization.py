@@ -38,6 +38,10 @@ log = logging.getLogger("ntkscale")
 # whose layer outputs and input take 19 KiB)
 _ACTIVATION_COPIES = 2
 
+# right-hand sides per (vmap-ed) backward pass of a small chunk in Jᵀ V: the default chunk leaves
+# room for eight activation copies (see functional.default_chunk_size)
+COLUMNS_PER_PASS = 8
+
 # Several right-hand sides go through a chunk's kept backward together (``is_grads_batched``) only
 # while the chunk's activations stay below this: the batched backward copies the stacked cotangents
 # around every weight gradient, which costs more than the saved calls once the products are large.
@@ -80,9 +84,9 @@ class Linearization:
 
     def __init__(self, data: KernelData, X: Tensor, W0: Tensor):
         self.slices = chunks(X.shape[0], data.chunk_size)
-        # columns per backward pass in vjp: batched only for small chunks
+        # right-hand sides per backward pass in vjp: batched only in small chunks
         chunk_bytes = _activation_bytes(data) * min(X.shape[0], data.chunk_size)
-        self.batch_columns = chunk_bytes <= BATCHED_COLUMNS_MAX_BYTES
+        self.columns_per_pass = COLUMNS_PER_PASS if chunk_bytes <= BATCHED_COLUMNS_MAX_BYTES else 1
         leaves = tuple(p.detach().requires_grad_() for p in data.params)
         self.outs: list[Tensor] = []
         self.cotangents: list[Tensor] = []
@@ -132,16 +136,14 @@ class Linearization:
         first, self.first = self.first, None
         return first
 
-    def vjp(self, V: Tensor, group: int) -> ParamVec:
-        """``Jᵀ V`` for V (n, C, k): one backward pass per chunk, up to ``group`` columns at a time
-        when the chunks are small (:data:`BATCHED_COLUMNS_MAX_BYTES`), one at a time otherwise."""
+    def vjp(self, V: Tensor) -> ParamVec:
+        """``Jᵀ V`` for V (n, C, k): one backward pass per chunk and :attr:`columns_per_pass`
+        columns (several in small chunks, see :data:`BATCHED_COLUMNS_MAX_BYTES`; else one)."""
         k = V.shape[-1]
-        if not self.batch_columns:
-            group = 1
         acc = GradientSum()
         for out, sl in zip(self.outs, self.slices):
             parts = []
-            for c in chunks(k, group):
+            for c in chunks(k, self.columns_per_pass):
                 cot = V[sl, :, c].movedim(-1, 0)
                 if cot.shape[0] == 1:
                     g = torch.autograd.grad(out, self.leaves, cot[0], retain_graph=True)
