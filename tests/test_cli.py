@@ -55,9 +55,19 @@ def test_python_dash_m():
     assert ntkscale.__version__ in run.stdout
 
 
+@pytest.mark.parametrize("command", [["demo"], ["experiment", "regression1d"]])
+def test_threads_below_one_are_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--threads", "0"])
+    assert exc.value.code == 2
+    assert "--threads: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # restored
     text = capsys.readouterr().out
     assert "NTK regression" in text and "nystrom" in text
 

@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import platform
@@ -75,6 +76,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` (None: unchanged) for the block, then restored."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -94,20 +119,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if v is not None
     }
     cfg = replace(cfg, **overrides)
-    threads = None
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"ntkscale demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
-    try:
+    with _torch_threads(args.threads):
         run_demo(args.out, cfg, progress=not args.no_progress, figure=not args.no_figure)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
     return 0
 
 
@@ -149,34 +162,23 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import ExperimentError
 
     mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
-    threads = None
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"ntkscale experiment: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
     try:
-        mod.run(
-            quick=args.quick,
-            out=args.out,
-            seed=args.seed,
-            device=args.device,
-            data_dir=args.data_dir,
-            fresh=args.fresh,
-            progress=not args.no_progress,
-            figures=not args.no_figure,
-        )
+        with _torch_threads(args.threads):
+            mod.run(
+                quick=args.quick,
+                out=args.out,
+                seed=args.seed,
+                device=args.device,
+                data_dir=args.data_dir,
+                fresh=args.fresh,
+                progress=not args.no_progress,
+                figures=not args.no_figure,
+            )
     except ExperimentError as err:
         print(f"ntkscale experiment {args.name}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
     return 0
 
 
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="rank of the Nyström preconditioner (default 100; quick 30)")
     p.add_argument("--noise-rel", type=float, help="σ² relative to the NTK's mean diagonal (default 0.1)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-figure", action="store_true", help="write no PNG (no matplotlib needed)")
     p.set_defaults(func=_cmd_demo)
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present, else cpu)")
     p.add_argument("--data-dir", default=None, help="folder of data sets already on disk (MNIST, CIFAR-10)")
     p.add_argument("--fresh", action="store_true", help="discard results already in --out and start over")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-figure", action="store_true", help="write no PNG (no matplotlib needed)")
     p.set_defaults(func=_cmd_experiment)
