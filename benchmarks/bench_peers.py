@@ -260,30 +260,29 @@ def _loader(prob, batch: int):
     return DataLoader(TensorDataset(prob["X"], prob["y"]), batch_size=batch, shuffle=False)
 
 
-def variance_laplace_functional(path: str, cfg: dict) -> tuple[torch.Tensor, dict]:
-    from laplace import FunctionalLaplace
-
+def _laplace_variance(cls, path: str, cfg: dict, pred_type: str, **kwargs) -> tuple[torch.Tensor, dict]:
+    """Fit the laplace-torch class ``cls`` on the training set; its predictive marginals."""
     prob, model = _load(path)
-    la = FunctionalLaplace(model, "regression", n_subset=prob["X"].shape[0],
-                           sigma_noise=math.sqrt(prob["noise"]), prior_precision=1.0 / cfg["prior_scale"])
+    la = cls(model, "regression", sigma_noise=math.sqrt(prob["noise"]),
+             prior_precision=1.0 / cfg["prior_scale"], **kwargs)
     t0 = time.perf_counter()
     la.fit(_loader(prob, cfg["batch"]))
     fit_s = time.perf_counter() - t0
-    _, f_var = la(prob["X_test"], pred_type="gp")
+    _, f_var = la(prob["X_test"], pred_type=pred_type)
     return f_var.diagonal(dim1=-2, dim2=-1), {"fit_s": fit_s, "laplace_backend": type(la.backend).__name__}
+
+
+def variance_laplace_functional(path: str, cfg: dict) -> tuple[torch.Tensor, dict]:
+    from laplace import FunctionalLaplace
+
+    # the GP over all training samples (n_subset = N: no subset of data points)
+    return _laplace_variance(FunctionalLaplace, path, cfg, "gp", n_subset=cfg["n"])
 
 
 def variance_laplace_full_glm(path: str, cfg: dict) -> tuple[torch.Tensor, dict]:
     from laplace import FullLaplace
 
-    prob, model = _load(path)
-    la = FullLaplace(model, "regression", sigma_noise=math.sqrt(prob["noise"]),
-                     prior_precision=1.0 / cfg["prior_scale"])
-    t0 = time.perf_counter()
-    la.fit(_loader(prob, cfg["batch"]))
-    fit_s = time.perf_counter() - t0
-    _, f_var = la(prob["X_test"], pred_type="glm")
-    return f_var.diagonal(dim1=-2, dim2=-1), {"fit_s": fit_s, "laplace_backend": type(la.backend).__name__}
+    return _laplace_variance(FullLaplace, path, cfg, "glm")
 
 
 def variance_dense_cholesky(path: str, cfg: dict) -> tuple[torch.Tensor, dict]:
