@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntkscale import data
+from ntkscale import data, kernels
 from ntkscale.cli import main
 from ntkscale.experiments import Context, ExperimentError, read_results, run_study
 from ntkscale.experiments import conditioning, regression1d
@@ -73,8 +73,12 @@ def test_infinite_predictive_matches_kernel_gd_by_iteration():
     ds = data.regression1d(n=10, seed=1, n_test=7)
     config = {**regression1d.QUICK.__dict__, "seed": 1, "steps": 25}
     X, y, G = ds.X_train.double(), ds.y_train.double().reshape(-1), ds.X_test.double()
-    K = regression1d._kernel(config, X)
-    Ks = regression1d._kernel(config, G, X)
+    def kernel(X1, X2=None):  # the study's infinite-width NTK: a relu MLP of its depth and scales
+        return kernels.infinite_ntk(X1, X2, depth=config["depth"], activation="relu",
+                                    W_std=config["W_std"], b_std=config["b_std"])
+
+    K = kernel(X)
+    Ks = kernel(G, X)
     eta = regression1d.step_size(config, X) / X.shape[0]
     f_train, f_grid = torch.zeros(10, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
     for _ in range(config["steps"]):
@@ -83,7 +87,7 @@ def test_infinite_predictive_matches_kernel_gd_by_iteration():
     lam = config["noise"] / config["prior_scale"]
     A = K + lam * torch.eye(10, dtype=torch.float64)
     mean_ref = f_grid + Ks @ torch.linalg.solve(A, y - f_train)
-    kss = torch.diagonal(regression1d._kernel(config, G))
+    kss = torch.diagonal(kernel(G))
     var_ref = config["prior_scale"] * (kss - torch.einsum("mn,mn->m", Ks, torch.linalg.solve(A, Ks.T).T))
     mean, std = regression1d.infinite_predictive(config, X, y.unsqueeze(-1), G)
     torch.testing.assert_close(mean, mean_ref, rtol=1e-9, atol=1e-10)

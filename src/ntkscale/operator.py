@@ -49,12 +49,13 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for temporaries: activations of a c
 
 @dataclass
 class ProductCount:
-    """What :func:`count_products` saw: products with any ``NTKOperator``, their columns, and
-    explicit ``to_dense()`` calls."""
+    """What :func:`count_products` saw: products with any ``NTKOperator``, their columns (in all,
+    and per product in ``widths``), and explicit ``to_dense()`` calls."""
 
     products: int = 0
     columns: int = 0
     dense: int = 0
+    widths: list[int] = field(default_factory=list)
 
 
 _COUNTERS: list[ProductCount] = []
@@ -69,8 +70,8 @@ class count_products:  # noqa: N801 (a context manager used like a function)
         >>> K = nks.NTKOperator(torch.nn.Linear(3, 2), torch.randn(4, 3))
         >>> with nks.count_products() as n:
         ...     _ = K @ torch.randn(8, 3)
-        >>> (n.products, n.columns, n.dense)
-        (1, 3, 0)
+        >>> (n.products, n.columns, n.widths, n.dense)
+        (1, 3, [3], 0)
     """
 
     def __enter__(self) -> ProductCount:
@@ -423,6 +424,7 @@ class NTKOperator(LinearOperator):
         for count in _COUNTERS:
             count.products += 1
             count.columns += k
+            count.widths.append(k)
         N2 = self.X2.shape[0]
         if st.cols is None:
             V = rhs.reshape(N2, C, k)
