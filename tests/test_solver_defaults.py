@@ -141,3 +141,22 @@ def test_full_rank_kernel_without_noise_is_not_called_singular():
     x, info = solve(K, rhs, noise=0.0, tol=1e-10, max_iter=200)  # condition number ~1.5e4
     assert info.converged
     torch.testing.assert_close(x, torch.linalg.solve(J @ J.T, rhs), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["hilbert8", "spd_kappa3e7"])
+def test_ill_conditioned_nonsingular_system_without_noise_is_solved(kind):
+    """CG's recursive residual jumps far above the smallest it reached on ill-conditioned systems
+    that are not singular; that alone must not be taken for a singular kernel."""
+    if kind == "hilbert8":
+        i = torch.arange(8, dtype=DT)
+        A = 1.0 / (i[:, None] + i[None, :] + 1)  # κ ≈ 1.5e10
+        b = torch.ones(8, dtype=DT)
+    else:
+        g = torch.Generator().manual_seed(0)
+        Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=DT))
+        A = (Q * torch.logspace(0, -7.5, 200, dtype=DT)) @ Q.T
+        A = (A + A.T) / 2
+        b = torch.randn(200, generator=g, dtype=DT)
+    x, info = solve(DenseLinearOperator(A), b, noise=0.0, tol=1e-6, max_iter=20_000)
+    assert info.converged
+    assert float(torch.linalg.norm(A @ x - b) / torch.linalg.norm(b)) < 1e-5
