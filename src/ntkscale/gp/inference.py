@@ -61,8 +61,10 @@ from ..solvers import (
     reductions,
     solve,
 )
+from ..functional import chunks
 from ..solvers.cholesky import DEFAULT_MEMORY as DEFAULT_FACTOR_MEMORY
 from ..solvers.cholesky import cholesky_bytes, free_disk_bytes
+from ..solvers.krylov import warn_rank
 from ._checks import check_noise, check_positive_int, check_prior_scale, check_tol, key
 from .evidence import EvidenceMixin, HyperparameterWarning
 from .operators import DEFAULT_BLOCK, ColumnBlockedOperator, block_cost, product_cost
@@ -539,13 +541,7 @@ class KernelGP(EvidenceMixin):
         if hit is not None:
             return hit
         R = self.lanczos_basis(rank).inverse_root(lam, rank)
-        if R.shape[1] < rank:
-            warnings.warn(
-                f"fast variances: the Lanczos factor has rank {R.shape[1]} < fast_rank {rank} "
-                f"(Ritz values of K + {lam:.3g} I zero to round-off were dropped); add noise",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        warn_rank(rank, R.shape[1])
         if len(self._fast_cache) >= 2:  # each R is n × r: keep the two most recent
             self._fast_cache.pop(next(iter(self._fast_cache)))
         self._fast_cache[k] = R
@@ -589,7 +585,7 @@ class KernelGP(EvidenceMixin):
                 quad[r0 : r0 + rows] = red.sum(B @ R).square().sum(1)
                 del B
             return quad
-        for sl in _chunks(r, self.block_size):
+        for sl in chunks(r, self.block_size):
             quad += red.sum((Ksx @ R[:, sl].to(Ksx.dtype).contiguous()).detach().to(R.dtype)).square().sum(1)
         return quad
 
@@ -683,14 +679,10 @@ class KernelGP(EvidenceMixin):
         info.preconditioner_rank = self.preconditioner_rank
         t0 = time.perf_counter()
         update = torch.cat(
-            [self.red.sum((Ksx @ Z[:, sl].contiguous()).detach()) for sl in _chunks(S, self.block_size)], dim=1
+            [self.red.sum((Ksx @ Z[:, sl].contiguous()).detach()) for sl in chunks(S, self.block_size)], dim=1
         )
         info.seconds["update"] = time.perf_counter() - t0
         return prior_test.to(update.dtype) - update
-
-
-def _chunks(total: int, size: int):
-    return [slice(s, min(total, s + size)) for s in range(0, total, size)]
 
 
 _NO_CHOLESKY = (
