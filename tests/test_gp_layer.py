@@ -200,6 +200,28 @@ def test_with_data_for_a_growing_data_set(small):
     assert grown.sample(small["Xt"], 3, seed=1).shape == (3, 7, 2)
 
 
+def test_with_data_rebuilds_a_preconditioner_object_for_the_new_data(small):
+    """A ready preconditioner belongs to the old kernel: the grown GP builds its kind anew."""
+    from ntkscale.solvers import build_preconditioner
+
+    gp = NTKGP(small["model"], small["X"][:20], small["y"][:20], noise=0.05, backend="structured", tol=1e-12)
+    P = build_preconditioner(gp.K, "nystrom", noise=0.05, rank=8)
+    gp = NTKGP(small["model"], small["X"][:20], small["y"][:20], noise=0.05, backend="structured", tol=1e-12,
+               preconditioner=P)
+    grown = gp.with_data(small["X"], small["y"])
+    ref = NTKGP(small["model"], small["X"], small["y"], noise=0.05, backend="structured", tol=1e-12)
+    assert _rel(grown.predict(small["Xt"])[1], ref.predict(small["Xt"])[1]) < 1e-10
+
+    class Custom:  # an object with .apply: nothing to rebuild it from
+        def apply(self, R):
+            return R
+
+    custom = NTKGP(small["model"], small["X"][:20], small["y"][:20], noise=0.05, backend="structured",
+                   preconditioner=Custom())
+    with pytest.raises(ValueError, match="cannot rebuild the preconditioner object Custom"):
+        custom.with_data(small["X"], small["y"])
+
+
 # -- the Laplace evidence ---------------------------------------------------------------------------
 
 

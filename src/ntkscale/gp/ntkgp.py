@@ -210,6 +210,15 @@ class NTKGP:
                      "exact_solver", "factor_memory", "scratch_dir", "progress", "seed"):
             settings[name] = getattr(self.posterior, name)
         settings["tol"] = self.posterior.tol if self._settings["tol"] is not None else None
+        given = settings["preconditioner"]
+        if not (given is None or isinstance(given, str)):  # built for the old data: build anew
+            name = getattr(given, "name", None)
+            if name not in ("nystrom", "pivchol", "jacobi"):
+                raise ValueError(
+                    f"with_data cannot rebuild the preconditioner object {type(given).__name__} for "
+                    "new data: construct this GP with preconditioner='nystrom', 'pivchol', 'jacobi' or None"
+                )
+            settings["preconditioner"] = name
         new._setup(self._model, X, y, self.noise, self.prior_scale, self._backend, settings, self._operator_kwargs)
         return new
 
@@ -400,10 +409,9 @@ class NTKGP:
         delta = torch.randn(P, S, dtype=dtype, device=device, generator=gen) * math.sqrt(self.prior_scale)
         eps = torch.randn(red.n, S, dtype=dtype, device=device, generator=gen) * math.sqrt(self.noise)
         eps = eps[red.offset : red.offset + self.n]  # this rank's rows of one draw over all rows
-        Kss = self.kernel(Ksx.X1)
         bs = post.block_size
         prior_train = torch.cat([loc.jvp(delta[:, sl]) for sl in chunks(S, bs)], dim=1)  # (N*C, S)
-        prior_test = torch.cat([Kss.jvp(delta[:, sl]) for sl in chunks(S, bs)], dim=1)  # (M*C, S)
+        prior_test = torch.cat([Ksx.jvp(delta[:, sl]) for sl in chunks(S, bs)], dim=1)  # (M*C, S): J(X_test)
         del delta
         info.seconds["prior_samples"] = time.perf_counter() - t0
         dev = post.pathwise_update(Ksx, prior_train, prior_test, eps, info=info)  # (M*C, S)
