@@ -70,9 +70,7 @@ class GGNKernel(LinearOperator):
 
         rows = torch.arange(self.shape[0])[row_index].reshape(-1)
         cols = torch.arange(self.shape[1])[col_index].reshape(-1)
-        if rows.numel() * cols.numel() <= self.shape[0] * max(rows.numel(), cols.numel()):
-            return DenseLinearOperator(self._explicit(rows, cols))
-        return DenseLinearOperator(self._rows(rows)[..., col_index])
+        return DenseLinearOperator(self._explicit(rows, cols))
 
     def _explicit(self, rows: Tensor, cols: Tensor) -> Tensor:
         """``self[rows, cols]`` from the explicit block of ``Θ`` on the samples the indices touch:
