@@ -88,6 +88,20 @@ def test_factor_bytes_reports_the_linearization():
     assert K.factor_bytes() == 2 * 20 * (5 + 12 + 12 + 10 + 10 + 3) * 8 + P * 8
 
 
+def test_structured_factor_bytes_count_the_linearization_of_unfactored_parameters():
+    """A LayerNorm's parameters go through autodiff, whose linearization the structured operator
+    keeps within memory_budget: factor_bytes() counts it then, and only then."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 3)).double()
+    X = torch.randn(20, 5, dtype=torch.float64)
+    roomy = nks.NTKOperator(model, X, backend="structured").factor_bytes()
+    lin = nks.NTKOperator(model, X, backend="autodiff").factor_bytes()  # over all parameters
+    tight = nks.NTKOperator(model, X, backend="structured", memory_budget=lin // 2).factor_bytes()
+    P = sum(p.numel() for p in model.parameters())
+    P_rest = sum(p.numel() for p in model[1].parameters())
+    assert roomy - tight == lin - (P - P_rest) * 8
+
+
 class _OnceDifferentiableTanh(torch.autograd.Function):
     """tanh whose backward cannot be differentiated again (forward mode and vmap work)."""
 

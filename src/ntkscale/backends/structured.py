@@ -329,10 +329,15 @@ class StructuredBackend(Backend):
 
     # -- factors -------------------------------------------------------------------------------
     def factor_bytes(self, data: KernelData, X: Tensor) -> int:
-        """Bytes the factors of ``X`` take (measured on one sample, scaled by N)."""
-        specs, _, _ = self._layout(data)
-        one = compute_factors(data, specs, X[:1])
-        return one.nbytes() * X.shape[0]
+        """Bytes kept for ``X`` between products (measured on one sample, scaled by N): the
+        factors, and the linearization of the parameters they do not cover when it fits
+        ``memory_budget`` (see :mod:`.linearization`)."""
+        specs, _, rest = self._layout(data)
+        total = compute_factors(data, specs, X[:1]).nbytes() * X.shape[0]
+        if rest is not None:
+            kept = self._rest_backend.factor_bytes(rest, X)
+            total += kept if kept <= rest.memory_budget else 0
+        return total
 
     def _factors(self, data: KernelData, X: Tensor, name: str) -> Factors | None:
         """Cached factors of ``X``, or None when they exceed the factor budget."""

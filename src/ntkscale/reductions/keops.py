@@ -96,7 +96,8 @@ def keops_kernel_space_matmul(
     G2: Sequence[Tensor],
     V: Tensor,
 ) -> Tensor:
-    """Kernel-space NTK product by a KeOps reduction over ``j``.
+    """Kernel-space NTK product by a KeOps reduction over ``j``: ``kernel_space_matmul(...,
+    impl="keops")``, under the name it had before the reductions had their own package.
 
     ``out[i,c,r] = Σ_l Σ_j (A1[l][i]·A2[l][j]) Σ_c' (G1[l][i,c]·G2[l][j,c']) V[j,c',r]``.
     Inputs are validated by :func:`ntkscale.reductions.core.check_factors` and
@@ -115,10 +116,6 @@ def keops_kernel_space_matmul(
     Raises:
         ImportError: pykeops is not installed.
     """
-    from .core import check_factors, check_fast_inputs
-    from .function import apply_reduction
+    from .core import kernel_space_matmul
 
-    check_factors(A1, G1, A2, G2, V)
-    check_fast_inputs(A1, G1, A2, G2, V, "keops")
-    _lazy_tensor()  # fail early with the install hint
-    return apply_reduction(keops_reduce, "keops", A1, G1, A2, G2, V)
+    return kernel_space_matmul(A1, G1, A2, G2, V, impl="keops")
