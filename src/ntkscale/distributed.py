@@ -56,6 +56,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from ._comm import DistributedError, all_reduce_sum, collective
+from .backends.base import flatten, unflatten
 from .operator import NTKOperator as _LocalNTKOperator
 from .operator import _check_data
 
@@ -303,7 +304,7 @@ class NTKOperator(LinearOperator):
         C, N_r, P = self.num_outputs, loc.X1.shape[0], loc.num_params
         stats = sh.stats
         t0 = time.perf_counter()
-        problem = _rhs_problem(rhs, self.shape[0], self.dtype, self.device, C, N_r)
+        problem = _rhs_problem(rhs, loc)
         k = 0 if problem else (1 if rhs.ndim == 1 else rhs.shape[1])
         # 1. every rank's right-hand side is valid, and all have k columns
         head = torch.zeros(sh.world + 1, dtype=torch.float64, device=self.device)
@@ -330,7 +331,7 @@ class NTKOperator(LinearOperator):
         failure = None
         try:
             U = backend.vjp(data, data.X1, V)
-            flat = torch.cat([u.reshape(k, -1) for u in U], dim=1).reshape(-1)  # shape: (k * P,)
+            flat = flatten(U).reshape(-1)  # shape: (k * P,)
         except Exception as err:  # report it to the other ranks before raising it here
             failure = err
             flat = torch.zeros(k * P, dtype=self.dtype, device=self.device)
@@ -346,7 +347,7 @@ class NTKOperator(LinearOperator):
             raise DistributedError(
                 f"rank(s) {failed} raised during the NTK product (their error says why); rank {sh.rank} stops too"
             )
-        U = _unflatten(buf[: k * P].reshape(k, P), loc.params)
+        U = unflatten(buf[: k * P].reshape(k, P), loc.params)
         # 3. J applied locally (to this shard, or to replicated test inputs)
         X = data.X1 if X_out is None else X_out
         out = backend.jvp(data, X, U).reshape(-1, k)
@@ -365,33 +366,17 @@ _NO_INDEXING = (
 )
 
 
-def _rhs_problem(v, n: int, dtype, device, C: int, N_r: int) -> str | None:
-    """Why ``v`` is not a valid right-hand side for this rank (None when it is)."""
+def _rhs_problem(v, loc: _LocalNTKOperator) -> str | None:
+    """Why ``v`` is not a valid right-hand side for this rank's operator ``loc`` (None when it is)."""
     if not isinstance(v, Tensor):
         return f"the right-hand side must be a torch.Tensor, got {type(v).__name__}"
-    if v.ndim not in (1, 2) or v.shape[0] != n:
-        return (
-            f"the right-hand side must have shape ({n},) or ({n}, k) (this rank's N_r={N_r} samples x "
-            f"C={C} outputs, ordered (sample, output)); got {tuple(v.shape)}"
-        )
-    if v.dtype != dtype:
-        return f"the right-hand side is {v.dtype} but the operator is {dtype}"
-    if v.device != device:
-        return f"the right-hand side is on {v.device} but the operator is on {device}"
+    try:
+        loc._check_rhs(v)
+    except (ValueError, TypeError) as err:
+        return f"{err} (this rank's samples)"
     if v.ndim == 2 and v.shape[1] == 0:
         return "the right-hand side has no columns"
-    if not bool(torch.isfinite(v).all()):
-        return "the right-hand side contains NaN or inf"
     return None
-
-
-def _unflatten(flat: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """(k, P) -> one (k, *p.shape) tensor per parameter."""
-    out, start = [], 0
-    for p in params:
-        out.append(flat[:, start : start + p.numel()].reshape(flat.shape[0], *p.shape))
-        start += p.numel()
-    return tuple(out)
 
 
 # -- construction -------------------------------------------------------------------------------

@@ -279,7 +279,7 @@ class NTKOperator(LinearOperator):
         Returns:
             Rows ordered (sample, output) like the operator's.  # shape: (rows,) or (rows, k)
         """
-        from .backends.base import _unflatten
+        from .backends.base import unflatten
 
         P = self.num_params
         if not torch.is_tensor(tangents) or tangents.dim() not in (1, 2) or tangents.shape[0] != P:
@@ -288,7 +288,7 @@ class NTKOperator(LinearOperator):
         vec = tangents.dim() == 1
         T = (tangents.unsqueeze(-1) if vec else tangents).to(dtype=self.dtype, device=self.device)
         st = self._st
-        out = st.backend.jvp(self._data(), self.X1, _unflatten(T.mT.contiguous(), self.params))  # (N1, C, k)
+        out = st.backend.jvp(self._data(), self.X1, unflatten(T.mT.contiguous(), self.params))  # (N1, C, k)
         out = out.reshape(-1, T.shape[1]).detach()
         if st.rows is not None:
             out = out[st.rows.to(out.device)]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..functional import FunctionalModel, chunks
 
-__all__ = ["KernelData", "Backend", "ParamVec", "DEFAULT_FACTOR_BUDGET", "GradientSum"]
+__all__ = ["KernelData", "Backend", "ParamVec", "DEFAULT_FACTOR_BUDGET", "GradientSum", "flatten", "unflatten"]
 
 DEFAULT_FACTOR_BUDGET = 4 * 2**30  # bytes of cached factors before falling back to recomputation
 
@@ -180,12 +180,12 @@ class Backend:
                 continue
             J = self.jacobian(data, X1[sl]).flatten(0, 1)  # (b*C, P)
             J = J[(ids[sel] - sl.start * C).to(J.device)]  # only the requested rows
-            res = self.jvp(data, X2, _unflatten(J, data.params))  # (n2, C, m)
+            res = self.jvp(data, X2, unflatten(J, data.params))  # (n2, C, m)
             out[sel.to(out.device)] = res.reshape(n2 * C, -1).T
         return out
 
 
-def _unflatten(flat: Tensor, params: tuple[Tensor, ...]) -> ParamVec:
+def unflatten(flat: Tensor, params: tuple[Tensor, ...]) -> ParamVec:
     """(k, P) -> one (k, *p.shape) tensor per parameter."""
     out, start = [], 0
     for p in params:

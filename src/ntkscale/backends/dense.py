@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Backend, KernelData, ParamVec, _unflatten, flatten
+from .base import Backend, KernelData, ParamVec, unflatten, flatten
 
 __all__ = ["DenseBackend"]
 
@@ -32,7 +32,7 @@ class DenseBackend(Backend):
     def vjp(self, data: KernelData, X: Tensor, V: Tensor) -> ParamVec:
         J = self._jac2(data) if X is data.X2 else self.jacobian(data, X)
         flat = J.flatten(0, 1).T @ V.flatten(0, 1)  # (P, k)
-        return _unflatten(flat.T, data.params)
+        return unflatten(flat.T, data.params)
 
     def jvp(self, data: KernelData, X: Tensor, U: ParamVec) -> Tensor:
         J = self._jac1(data) if X is data.X1 else self.jacobian(data, X)
