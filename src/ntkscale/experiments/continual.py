@@ -36,9 +36,9 @@ on task ``j`` after training task ``i`` (a T × T matrix); :func:`average_forget
 * ``param_change``: ``‖θ_T − θ_0‖ / ‖θ_0‖`` over all parameters (and ``param_distance``, the
   numerator);
 * ``ntk_change``: ``‖Θ_T − Θ_0‖_F / ‖Θ_0‖_F``, the relative change of the empirical NTK on a fixed
-  probe set (``probe_samples`` test inputs of task 0, all ten outputs), from products of
-  :class:`ntkscale.NTKOperator` with the identity's columns (exact) or Rademacher vectors
-  (Hutchinson), never a Jacobian (:func:`relative_ntk_change`);
+  probe set (``probe_samples`` test inputs of task 0, all ten outputs), from the explicit
+  probe-set kernel of :class:`ntkscale.NTKOperator` (exact) or its products with Rademacher
+  vectors (Hutchinson), never a Jacobian (:func:`relative_ntk_change`);
 * ``*_per_task``: the same after each task.
 
 Run: ``ntkscale experiment continual --quick`` (3 tasks per family, widths 32 to 512, minutes on
@@ -56,6 +56,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from linear_operator import to_dense
 from torch import Tensor, nn
 
 from .. import data as nks_data
@@ -109,8 +110,8 @@ class ContinualConfig:
         max_epochs: cap on epochs per task in ``high_accuracy``.
         early_steps: SGD steps per task in ``early_stopped``.
         probe_samples: inputs of the NTK probe set (``probe_samples · 10`` kernel rows).
-        ntk_probes: ``None`` for the exact Frobenius norms (one product per kernel row), or the
-            number of Rademacher vectors of a Hutchinson estimate.
+        ntk_probes: ``None`` for the exact Frobenius norms (the explicit probe-set kernel), or
+            the number of Rademacher vectors of a Hutchinson estimate.
     """
 
     families: tuple[str, ...] = FAMILIES
@@ -253,29 +254,24 @@ def task_sequence(family: str, num_tasks: int, seed: int = 0, n_train: int = 129
 
 # -- the NTK's movement ----------------------------------------------------------------------------
 def probe_vectors(n: int, num_probes: int | None = None, seed: int = 0, block: int = 256,
-                  dtype: torch.dtype = torch.float64) -> list[Tensor]:
-    """The probe vectors of :func:`relative_ntk_change`, as column blocks of at most ``block``.
-
-    ``num_probes=None``: the ``n`` columns of the identity; else ``num_probes`` Rademacher
-    vectors drawn from ``seed``.
-    """
-    if num_probes is not None and num_probes < 1:
+                  dtype: torch.dtype = torch.float64) -> list[Tensor] | None:
+    """The probe vectors of :func:`relative_ntk_change`, as column blocks of at most ``block``:
+    ``num_probes`` Rademacher vectors drawn from ``seed``; ``None`` for ``num_probes=None`` (the
+    exact change, from the kernels themselves)."""
+    if num_probes is None:
+        return None
+    if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1 or None (exact), got {num_probes}")
-    m = n if num_probes is None else int(num_probes)
     gen = torch.Generator().manual_seed(seed)
-    blocks = []
-    for start in range(0, m, block):
-        cols = min(block, m - start)
-        if num_probes is None:
-            Z = torch.zeros(n, cols, dtype=dtype)
-            Z[torch.arange(start, start + cols), torch.arange(cols)] = 1.0
-        else:
-            Z = torch.randint(0, 2, (n, cols), generator=gen).to(dtype) * 2 - 1
-        blocks.append(Z)
-    return blocks
+    return [torch.randint(0, 2, (n, min(block, num_probes - start)), generator=gen).to(dtype) * 2 - 1
+            for start in range(0, num_probes, block)]
 
 
-def _products(K, blocks: list[Tensor]) -> list[Tensor]:
+def _images(K, blocks: list[Tensor] | None) -> list[Tensor]:
+    """``K``'s products with the probe blocks, in float64 on the CPU; ``K`` itself for ``None``
+    (its explicit matrix: one Gram pass, not a product per identity column)."""
+    if blocks is None:
+        return [to_dense(K).double().cpu()]
     return [(K @ Z.to(device=K.device, dtype=K.dtype)).double().cpu() for Z in blocks]
 
 
@@ -288,16 +284,16 @@ def _relative(A: list[Tensor], A0: list[Tensor]) -> float:
 
 
 def relative_ntk_change(K, K0, num_probes: int | None = None, seed: int = 0, block: int = 256) -> float:
-    """``‖K − K0‖_F / ‖K0‖_F`` of two kernels of the same shape, from products only.
+    """``‖K − K0‖_F / ‖K0‖_F`` of two kernels of the same shape.
 
     Args:
         K, K0: square linear operators (e.g. :class:`ntkscale.NTKOperator` of one network on one
             probe set at two parameter settings) or tensors.
-        num_probes: ``None``: exact, products with the identity's columns (``n`` products, in
-            blocks); else the Hutchinson estimate ``‖A‖_F² ≈ mean ‖A z‖²`` over ``num_probes``
-            Rademacher vectors ``z`` (the same ones for both norms).
+        num_probes: ``None``: exact, from the explicit kernels (for probe sets of a few hundred
+            samples); else the Hutchinson estimate ``‖A‖_F² ≈ mean ‖A z‖²`` over ``num_probes``
+            Rademacher vectors ``z`` (the same ones for both norms), from products only.
         seed: seed of the Rademacher vectors.
-        block: columns per product.
+        block: Rademacher vectors per product.
 
     Raises:
         ValueError: shapes differ, ``num_probes < 1``, or ``K0`` vanishes on the probes.
@@ -305,7 +301,7 @@ def relative_ntk_change(K, K0, num_probes: int | None = None, seed: int = 0, blo
     if tuple(K.shape) != tuple(K0.shape) or K.shape[-1] != K.shape[-2]:
         raise ValueError(f"K and K0 must be square operators of one shape, got {tuple(K.shape)} and {tuple(K0.shape)}")
     blocks = probe_vectors(K.shape[-1], num_probes, seed, block)
-    return _relative(_products(K, blocks), _products(K0, blocks))
+    return _relative(_images(K, blocks), _images(K0, blocks))
 
 
 # -- one configuration -----------------------------------------------------------------------------
@@ -401,7 +397,7 @@ def run_configuration(config: dict, configuration: dict, ctx: Context) -> Outcom
     probe = tasks[0].X_test[: config["probe_samples"]].to(dev)
     theta0 = _flat(model)
     blocks = probe_vectors(probe.shape[0] * 10, config["ntk_probes"], seed=ctx.configuration_seed)
-    A0 = _products(_ntk(model, probe), blocks)  # Θ_0's products, reused after every task
+    A0 = _images(_ntk(model, probe), blocks)  # Θ_0 (or its products), reused after every task
     gen = ctx.generator(salt=1)
 
     accuracy, steps, train_acc, reached, param_pt, ntk_pt = [], [], [], [], [], []
@@ -416,7 +412,7 @@ def run_configuration(config: dict, configuration: dict, ctx: Context) -> Outcom
         reached.append(bool(ok))
         accuracy.append([_accuracy(model, t.X_test.to(dev), t.y_test.to(dev)) for t in tasks])
         param_pt.append(float((_flat(model) - theta0).norm() / theta0.norm()))
-        ntk_pt.append(_relative(_products(_ntk(model, probe), blocks), A0))
+        ntk_pt.append(_relative(_images(_ntk(model, probe), blocks), A0))
     bar.close()
     theta = _flat(model)
     row = {
