@@ -124,23 +124,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _available_experiments() -> list[str]:
-    """Modules under ``ntkscale.experiments`` that define ``run``."""
-    try:
-        pkg = importlib.import_module("ntkscale.experiments")
-    except ImportError:
-        return []
-    names = []
-    for name in EXPERIMENTS:
-        try:
-            mod = importlib.import_module(f"{pkg.__name__}.{name}")
-        except ImportError:
-            continue
-        if callable(getattr(mod, "run", None)):
-            names.append(name)
-    return names
-
-
 def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.name not in EXPERIMENTS:
         print(
@@ -149,19 +132,13 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    ready = _available_experiments()
-    if args.name not in ready:
-        print(
-            f"ntkscale experiment {args.name}: not available yet: this study is not implemented in "
-            f"ntkscale {_version()}.\n"
-            f"  studies available now: {', '.join(ready) if ready else 'none'}\n"
-            f"  what runs now: `ntkscale demo` (NTK kernel regression on digits), `ntkscale info`",
-            file=sys.stderr,
-        )
-        return 2
     from .experiments import ExperimentError
 
-    mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
+    try:
+        mod = importlib.import_module(f"ntkscale.experiments.{args.name}")
+    except ImportError as err:  # a missing dependency, named in the message
+        print(f"ntkscale experiment {args.name}: {err}", file=sys.stderr)
+        return 2
     try:
         with _torch_threads(args.threads):
             mod.run(

@@ -240,8 +240,7 @@ def load_bandit_data(name: str, data_dir: str | Path | None = None, size: int = 
     if data_dir is None:
         raise FileNotFoundError(f"{name} is read from files on disk; pass --data-dir (nothing is downloaded)")
     loader = data.mnist if name == "mnist" else data.cifar10
-    # one test image drawn and unused: the loaders' n_test=0 path fails on an empty reshape
-    ds = loader(data_dir, n_train=size, n_test=1, seed=0, one_hot=False)
+    ds = loader(data_dir, n_train=size, n_test=0, seed=0, one_hot=False)
     return ds.X_train.reshape(size, -1), ds.y_train.long()
 
 
