@@ -627,7 +627,7 @@ def _build(
         )
 
     fm = FunctionalModel(model, tuple(names), tuple(fixed_names))
-    fm = _probe(fm, p, fx, X1, allow_nondeterministic)
+    fm = _probe(fm, p, fx, X1)
     if not square:
         _run(fm, p, fx, X2[:2], "X2")
 
@@ -704,7 +704,7 @@ def _run(fm: FunctionalModel, p, fx, x: Tensor, name: str) -> Tensor:
         ) from err
 
 
-def _probe(fm: FunctionalModel, p, fx, X: Tensor, allow_nondeterministic: bool) -> FunctionalModel:
+def _probe(fm: FunctionalModel, p, fx, X: Tensor) -> FunctionalModel:
     """Find C from one forward pass, and refuse random or batch-dependent models."""
     xs = X[: min(X.shape[0], 4)]
     names = dict(zip(fm.names, p))
@@ -790,8 +790,15 @@ def _mode_dependent(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
 
 
+# the most elements an X rejected by the model may have for it to be tried as one sample
+_HINT_MAX_ELEMENTS = 1 << 16
+
+
 def _single_sample_hint(call, X: Tensor) -> str:
-    """When ``X`` looks like one sample without its batch dimension, say to add it."""
+    """When ``X`` looks like one sample without its batch dimension, say to add it (tried only
+    for a small ``X``: a data set passed with the wrong per-sample shape is not run whole)."""
+    if X.numel() > _HINT_MAX_ELEMENTS:
+        return ""
     try:
         out = call(X.unsqueeze(0))
     except Exception:

@@ -95,7 +95,6 @@ class LanczosBasis:
         self.Q = proc.Q[0, : proc.m].mT  # shape: (n, m); a view of the run's buffer, no copy
         del proc
         self.steps = self.T.shape[0]
-        self.requested = int(num_iter)
         self.seed = int(seed)
         self.n = n
 
