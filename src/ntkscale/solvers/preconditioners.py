@@ -301,8 +301,7 @@ class NystromPreconditioner(_LowRankPreconditioner):
             Yw64 = Yw.to(f64)
             G = _grow_symmetric(G, red.gram(Yw64, Y.to(f64)))
             Cw = red.gram(Omega.to(f64), Yw64)  # shape: (r + k, k), the new columns of Ωᵀ Y
-            Crow = red.gram(W.to(f64), Y.to(f64))  # shape: (k, r + k), the new rows
-            C = torch.cat([torch.cat([C, Cw[:r]], 1), Crow], 0)
+            C = _grow_symmetric(C, Cw.mT)  # Ωᵀ K Ω is symmetric: the new rows are Cwᵀ
             S2, Wsmall, nu = _nystrom_from_grams(G, C, eps, red.frobenius(Y), n)
             lam = (S2 - nu).clamp_min(0)  # shape: (r,), descending
             stages.append(Omega.shape[1])
