@@ -234,8 +234,8 @@ def solve(
                 cols = todo[act]
                 Da = D[:, act]
                 ADa = A(Da)  # shape: (n, a)
-                dAd = red.dot(Da, ADa)
-                quotient = dAd / red.dot(Da, Da).clamp_min(torch.finfo(dtype).tiny)
+                dAd, dd = red.sum(torch.stack([(Da * ADa).sum(0), (Da * Da).sum(0)]))  # one reduction
+                quotient = dAd / dd.clamp_min(torch.finfo(dtype).tiny)
                 lam_seen = max(lam_seen, quotient.max().item())
                 floor = SINGULAR_CURVATURE * eps * lam_seen
                 unregularized = noise <= floor
