@@ -156,6 +156,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             with torch.no_grad():
                 other.body[0].weight[0, 0] += 1e-3
         res["weights_shard"] = _expect_error(lambda: NTKOperator(other, X[sl]))
+        swapped = _problem()[0]
+        if rank == 1:  # the same numbers in another order: sums alone would not tell
+            with torch.no_grad():
+                swapped.body[0].weight.copy_(swapped.body[0].weight.flip(0))
+        res["swapped_weights_shard"] = _expect_error(lambda: NTKOperator(swapped, X[sl]))
         vbad = V[rows, 0].clone()
         if rank == 1:
             vbad[0] = float("nan")
@@ -366,6 +371,7 @@ def test_cholesky_routes_refused_when_sharded(ranks):
         ("nan_shard", ["rank 1", "NaN"]),
         ("shape_shard", ["per-sample shape", "rank 0: (3,)", "rank 1: (3, 1)"]),
         ("weights_shard", ["rank 1 has different weights"]),
+        ("swapped_weights_shard", ["rank 1 has different weights", "body.0.weight"]),
     ],
 )
 def test_bad_shard_is_an_error_on_every_rank(ranks, case, words):

@@ -445,11 +445,6 @@ def _build(model, X_local, group, timeout, operator_kwargs):
 def _summary(local, X_local, error) -> dict:
     if error is not None:
         return {"error": f"{type(error).__name__}: {error}"}
-    fingerprint = [0.0, 0.0]
-    for p in local.params:
-        q = p.detach().double()
-        fingerprint[0] += q.sum().item()
-        fingerprint[1] += q.square().sum().item()
     return {
         "error": None,
         "samples": int(local.X1.shape[0]),
@@ -457,8 +452,25 @@ def _summary(local, X_local, error) -> dict:
         "dtype": str(local.dtype),
         "outputs": local.num_outputs,
         "params": local.num_params,
-        "fingerprint": fingerprint,
+        "fingerprint": _weights_fingerprint(local),
     }
+
+
+def _weights_fingerprint(local) -> list:
+    """Per tensor of the network (parameters and fixed buffers, by name): its sum, sum of squares
+    and inner product with fixed pseudo-random weights — order-sensitive, so permuted or swapped
+    weights differ too, computed where the tensors are (no copy to the host)."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    names = (*local._st.fm.names, *local._st.fm.fixed_names)
+    for name, t in zip(names, (*local.params, *local.fixed)):
+        if not t.is_floating_point():
+            out.append((name, float(t.sum().item())))
+            continue
+        q = t.detach().reshape(-1).double()
+        w = torch.rand(q.numel(), generator=gen, dtype=torch.float64).to(q.device)
+        out.append((name, q.sum().item(), q.square().sum().item(), (q * w).sum().item()))
+    return out
 
 
 def _problems(summaries: list[dict]) -> list[str]:
@@ -478,10 +490,12 @@ def _problems(summaries: list[dict]) -> list[str]:
     if not problems:
         ref = summaries[0]["fingerprint"]
         for r, s in enumerate(summaries[1:], start=1):
-            if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in zip(s["fingerprint"], ref)):
+            differ = [a[0] for a, b in zip(s["fingerprint"], ref)
+                      if a[0] != b[0] or any(abs(x - y) > 1e-9 * max(1.0, abs(y)) for x, y in zip(a[1:], b[1:]))]
+            if differ or len(s["fingerprint"]) != len(ref):
                 problems.append(
-                    f"rank {r} has different weights from rank 0 (parameter sums {s['fingerprint']} vs "
-                    f"{ref}): load or broadcast the same weights on every rank"
+                    f"rank {r} has different weights from rank 0 (in {', '.join(differ) or 'their names'}): "
+                    f"load or broadcast the same weights on every rank"
                 )
     return problems
 
