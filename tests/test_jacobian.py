@@ -76,3 +76,24 @@ def test_bad_input():
         nks.jacobian_difference_norm(model, X, {**p, "0.bias": torch.zeros(3)}, p)
     with pytest.raises(TypeError, match="params must be a mapping name -> tensor or an nn.Module"):
         nks.JacobianDifferenceOperator(model, X, [1, 2], p)
+
+
+@pytest.mark.parametrize("backend", ["autodiff", "structured", "dense"])
+def test_operator_vjp_is_the_adjoint_of_its_jvp(backend):
+    """``NTKOperator.vjp`` = ``J(X2)ᵀ V`` against the dense float64 Jacobian (also on a column slice),
+    and ⟨J u, v⟩ = ⟨u, Jᵀ v⟩ with ``jvp``."""
+    torch.manual_seed(0)
+    model = MLP(3, [6], 2, activation="tanh", b_std=0.3).double()
+    X, Xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    J, Jt = reference_jacobian(model, X), reference_jacobian(model, Xt)
+    K = nks.NTKOperator(model, Xt, X, backend=backend)
+    V = torch.randn(10, 3, dtype=torch.float64)
+    torch.testing.assert_close(K.vjp(V), J.T @ V, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K.vjp(V[:, 0]), J.T @ V[:, 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K[:, 2:7].vjp(V[2:7]), J[2:7].T @ V[2:7], rtol=1e-12, atol=1e-12)
+    u = torch.randn(J.shape[1], dtype=torch.float64)
+    w = torch.randn(8, dtype=torch.float64)
+    assert float(K.jvp(u) @ w) == pytest.approx(float(u @ K.T.vjp(w)), rel=1e-12)
+    torch.testing.assert_close(K.jvp(u), Jt @ u, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"cotangents must have shape \(10,\) or \(10, k\)"):
+        K.vjp(torch.randn(8, dtype=torch.float64))

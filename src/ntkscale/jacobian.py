@@ -2,8 +2,8 @@
 
 ``J(θ)`` is the (N·C, P) Jacobian of the outputs on ``X`` (rows ``i·C + c``, as
 :class:`ntkscale.NTKOperator`). :class:`JacobianDifferenceOperator` is the symmetric PSD
-``ΔJ ΔJᵀ`` (N·C, N·C) as a lazy ``LinearOperator``: a product is one VJP and one JVP at each of the
-two parameter settings, never a Jacobian. :func:`jacobian_difference_norm` gives the spectral
+``ΔJ ΔJᵀ`` (N·C, N·C) as a lazy ``LinearOperator`` over the NTK operators at the two parameter
+settings: a product is one VJP and one JVP at each of them, never a Jacobian. :func:`jacobian_difference_norm` gives the spectral
 norm ``‖ΔJ‖₂ = √λ_max(ΔJ ΔJᵀ)`` by Lanczos, and ``‖ΔJ‖₂ / ‖θ − θ₀‖``, the quantity behind the
 Jacobian stability constant of lazy-training analyses.
 
@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -27,20 +28,11 @@ from typing import Mapping
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from .operator import NTKOperator
 from .solvers import eigvalsh_extremes
 
 __all__ = ["JacobianDifferenceOperator", "JacobianDifference", "jacobian_difference_norm"]
-
-
-@dataclass(frozen=True)
-class _State:
-    model: nn.Module
-    names: tuple[str, ...]
-    fixed_names: tuple[str, ...]
-    num_outputs: int
-    chunk_size: int
 
 
 def _as_params(model: nn.Module, names: list[str], params, what: str) -> tuple[Tensor, ...]:
@@ -62,8 +54,22 @@ def _as_params(model: nn.Module, names: list[str], params, what: str) -> tuple[T
     return tuple(out)
 
 
+def _at(model: nn.Module, names: list[str], values: tuple[Tensor, ...]) -> nn.Module:
+    """A copy of ``model`` with the parameters ``names`` set to ``values``."""
+    copy_ = copy.deepcopy(model)
+    own = dict(copy_.named_parameters())
+    with torch.no_grad():
+        for n, v in zip(names, values):
+            own[n].copy_(v)
+    return copy_
+
+
 class JacobianDifferenceOperator(LinearOperator):
     """``ΔJ ΔJᵀ`` with ``ΔJ = J(θ) − J(θ₀)``, the Jacobians of ``model`` on ``X``.
+
+    Built on the NTK operators ``Θ(θ) = J(θ) J(θ)ᵀ`` and ``Θ(θ₀)`` of the network at the two
+    settings (their chunking within ``memory_budget``, their backends and caches): a product is
+    ``ΔJ (J(θ)ᵀ V − J(θ₀)ᵀ V)``, one VJP and one JVP at each setting, never a Jacobian.
 
     Args:
         model: an ``nn.Module`` mapping ``X`` (N, *in_shape) to (N, C) or (N,); only its structure
@@ -72,12 +78,16 @@ class JacobianDifferenceOperator(LinearOperator):
         params: ``θ``: name -> tensor for every parameter of ``model`` that requires grad, or a
             module of the same structure.
         params0: ``θ₀``, the same way.
-        chunk_size: samples per VJP/JVP (default all).
+        chunk_size: samples per VJP/JVP (default: from ``memory_budget``, as
+            :class:`ntkscale.NTKOperator`).
+        backend, memory_budget: passed to both :class:`ntkscale.NTKOperator`.
     """
 
-    def __init__(self, model: nn.Module, X: Tensor, params=None, params0=None, *tensors: Tensor,
-                 chunk_size: int | None = None, _state: _State | None = None):
-        if _state is None:
+    def __init__(self, model, X: Tensor | None = None, params=None, params0=None, *,
+                 chunk_size: int | None = None, backend: str = "auto", memory_budget: int | None = None):
+        if isinstance(model, NTKOperator):  # rebuilt by linear_operator from (K, K0)
+            K, K0 = model, X
+        else:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             if not isinstance(X, Tensor) or X.dim() < 1 or X.shape[0] == 0:
@@ -87,79 +97,34 @@ class JacobianDifferenceOperator(LinearOperator):
                 raise ValueError("model has no parameters that require grad")
             th = _as_params(model, names, params, "params")
             th0 = _as_params(model, names, params0, "params0")
-            fixed_names = [n for n, p in model.named_parameters() if not p.requires_grad]
-            fixed_names += [n for n, _ in model.named_buffers()]
-            tensors_ = dict(model.named_parameters()) | dict(model.named_buffers())
-            fixed = tuple(tensors_[n].detach() for n in fixed_names)
-            if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
-                raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-            with torch.no_grad():
-                probe = functional_call(model, dict(zip(names, th)) | dict(zip(fixed_names, fixed)), (X[:1],))
-            C = probe[0].numel() if probe.dim() > 1 else 1
-            _state = _State(model, tuple(names), tuple(fixed_names), C, chunk_size or X.shape[0])
-            args = (X, *th, *th0, *fixed)
-        else:
-            args = (model, X, params, params0, *tensors)  # rebuilt: (X, *θ, *θ₀, *fixed)
-        super().__init__(*args, _state=_state)
-        self._st = _state
-        n = len(_state.names)
-        self.X = args[0]
-        self.theta = tuple(args[1 : 1 + n])
-        self.theta0 = tuple(args[1 + n : 1 + 2 * n])
-        self.fixed = tuple(args[1 + 2 * n :])
+            kw = dict(backend=backend, chunk_size=chunk_size, memory_budget=memory_budget)
+            K = NTKOperator(_at(model, names, th), X, **kw)
+            K0 = NTKOperator(_at(model, names, th0), X, **{**kw, "chunk_size": K.chunk_size})
+        super().__init__(K, K0)
+        self.K, self.K0 = K, K0
+        self.X = K.X1
+        self.theta, self.theta0 = K.params, K0.params
 
     @property
     def num_outputs(self) -> int:
-        return self._st.num_outputs
-
-    def _f(self, params, x):
-        st = self._st
-        t = dict(zip(st.names, params)) | dict(zip(st.fixed_names, self.fixed))
-        return functional_call(st.model, t, (x,)).reshape(x.shape[0], st.num_outputs)
+        return self.K.num_outputs
 
     def _size(self) -> torch.Size:
-        n = self.X.shape[0] * self._st.num_outputs
-        return torch.Size((n, n))
+        return self.K.shape
 
     def _transpose_nonbatch(self) -> "JacobianDifferenceOperator":
         return self
 
-    def vjp(self, V: Tensor) -> tuple[Tensor, ...]:
-        """``ΔJᵀ V`` per parameter, shape ``(k, *p.shape)``, for ``V`` (N·C, k)."""
-        st, k = self._st, V.shape[-1]
-        Vr = V.reshape(self.X.shape[0], st.num_outputs, k).permute(2, 0, 1)
-        out = None
-        for s in range(0, self.X.shape[0], st.chunk_size):
-            x, v = self.X[s : s + st.chunk_size], Vr[:, s : s + st.chunk_size]
-            parts = []
-            for th in (self.theta, self.theta0):
-                _, fn = torch.func.vjp(lambda p: self._f(p, x), th)
-                parts.append(torch.func.vmap(fn)(v.contiguous())[0])
-            diff = tuple(a - b for a, b in zip(*parts))
-            out = diff if out is None else tuple(o + d for o, d in zip(out, diff))
-        return out
+    def vjp(self, V: Tensor) -> Tensor:
+        """``ΔJᵀ V``, rows in the order of the parameters flattened.  # V: (N·C, k) -> (P, k)"""
+        return self.K.vjp(V) - self.K0.vjp(V)
 
-    def jvp(self, U: tuple[Tensor, ...]) -> Tensor:
-        """``ΔJ U`` for ``U`` per parameter with a leading ``k``: shape (N·C, k)."""
-        st = self._st
-        rows = []
-        for s in range(0, self.X.shape[0], st.chunk_size):
-            x = self.X[s : s + st.chunk_size]
-            parts = []
-            for th in (self.theta, self.theta0):
-                def one(u, th=th):
-                    return torch.func.jvp(lambda p: self._f(p, x), (th,), (u,))[1]
-
-                parts.append(torch.func.vmap(one)(U))  # (k, n, C)
-            rows.append((parts[0] - parts[1]).permute(1, 2, 0))
-        out = torch.cat(rows)
-        return out.reshape(-1, out.shape[-1])
+    def jvp(self, U: Tensor) -> Tensor:
+        """``ΔJ U``.  # U: (P, k) -> (N·C, k)"""
+        return self.K.jvp(U) - self.K0.jvp(U)
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        squeeze = rhs.dim() == 1
-        R = rhs.unsqueeze(-1) if squeeze else rhs
-        out = self.jvp(self.vjp(R))
-        return out.squeeze(-1) if squeeze else out
+        return self.jvp(self.vjp(rhs))
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,35 @@ class NTKOperator(LinearOperator):
             out = out[st.rows.to(out.device)]
         return out.squeeze(-1) if vec else out
 
+    def vjp(self, cotangents: Tensor) -> Tensor:
+        """``J(X2)ᵀ V``: vector-Jacobian products with output-space cotangents, batched (the
+        adjoint of :meth:`jvp` on the column side).
+
+        Args:
+            cotangents: one column per cotangent, rows ordered (sample, output) like the
+                operator's columns.  # shape: (cols,) or (cols, k)
+
+        Returns:
+            Rows in the order of :attr:`params` flattened.  # shape: (P,) or (P, k)
+        """
+        from .backends.base import flatten
+
+        n = self.shape[-1]
+        if not torch.is_tensor(cotangents) or cotangents.dim() not in (1, 2) or cotangents.shape[0] != n:
+            shape = tuple(cotangents.shape) if torch.is_tensor(cotangents) else type(cotangents).__name__
+            raise ValueError(f"cotangents must have shape ({n},) or ({n}, k) (the operator's columns), got {shape}")
+        vec = cotangents.dim() == 1
+        V = (cotangents.unsqueeze(-1) if vec else cotangents).to(dtype=self.dtype, device=self.device)
+        self._check_rhs(V)
+        st, k, N2 = self._st, V.shape[1], self.X2.shape[0]
+        if st.cols is not None:
+            full = V.new_zeros(N2 * self.num_outputs, k)
+            full[st.cols.to(V.device)] = V
+            V = full
+        U = st.backend.vjp(self._data(), self.X2, V.reshape(N2, self.num_outputs, k).contiguous())
+        out = flatten(U).mT.detach()  # (P, k)
+        return out.squeeze(-1) if vec else out
+
     def _carry_cache(self, X1: Tensor, X2: Tensor, square: bool) -> dict:
         """The cache of a slice or transpose: the entries of data sides it shares with this one
         (per-layer factors, their sizes, the diagonal) carry over, so slicing a cross-kernel
