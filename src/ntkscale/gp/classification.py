@@ -208,13 +208,14 @@ class NTKClassifierGP:
         # the kernel-only layer picks the route: a tiled Cholesky factor of K_G + I/s² when its
         # cost model says the factor is cheaper than PCG for M·C right-hand sides
         chol = self.posterior.cholesky(lam) if self.posterior.use_cholesky(M * C) else None
+        # one operator per side, sliced per block: each side's factors are computed once
+        Kxs, Kss = self._kernel(self.X, X_test), self._kernel(X_test)
         for sl in tqdm(blocks, desc="logit covariances", disable=not self.progress, leave=False):
-            Xb = X_test[sl]
-            b = Xb.shape[0]
-            prior = to_dense(self._kernel(Xb)).reshape(b, C, b, C)  # Θ** on the block
+            b, rows = sl.stop - sl.start, slice(sl.start * C, sl.stop * C)
+            prior = to_dense(Kss[rows, rows]).reshape(b, C, b, C)  # Θ** on the block
             idx = torch.arange(b, device=prior.device)
             prior = prior[idx, :, idx, :]  # shape: (b, C, C), the per-point blocks
-            cross = to_dense(self._kernel(self.X, Xb)).reshape(N, C, b * C)  # Θ(X, X*)
+            cross = to_dense(Kxs[:, rows]).reshape(N, C, b * C)  # Θ(X, X*)
             B = torch.bmm(S, cross).reshape(N * C, b * C)  # Λ^{1/2} Θ(X, X*)
             if chol is not None:  # Bᵀ (K_G + I/s²)⁻¹ B = (L⁻¹ B)ᵀ (L⁻¹ B)
                 W = chol.solve_lower(B).to(B.dtype).reshape(N * C, b, C)
