@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from typing import Iterable, Sequence
 
 import gpytorch
@@ -50,6 +49,7 @@ import torch
 from linear_operator.operators import ConstantMulLinearOperator, LinearOperator
 from torch import Tensor, nn
 
+from .gp.ntkgp import _frozen_copy
 from .operator import NTKOperator
 from .solvers import NystromPreconditioner
 
@@ -180,7 +180,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
         operator_kwargs: dict | None = None,
         **kwargs,
     ):
-        if not isinstance(model, nn.Module):
+        if not isinstance(model, nn.Module):  # before anything else is checked
             raise TypeError(f"NTKKernel(model): model must be a torch.nn.Module, got {type(model).__name__}")
         if kwargs.get("batch_shape") not in (None, torch.Size([])):
             raise ValueError("NTKKernel does not support batch_shape (one kernel per network)")
@@ -192,11 +192,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
                 f"greedy pivoted Cholesky), got {preconditioner!r}"
             )
         super().__init__(**kwargs)
-        frozen = copy.deepcopy(model)
-        for p in frozen.parameters():
-            p.grad = None
-        if dtype is not None:
-            frozen = frozen.to(dtype)
+        frozen = _frozen_copy(model, dtype, "NTKKernel(model)")
         # not a submodule: gp.parameters() must hold only the GP's hyperparameters, and
         # gp.double()/gp.to() must not touch the network
         object.__setattr__(self, "_network", frozen)

@@ -504,10 +504,11 @@ class NTKGP:
         )
 
 
-def _frozen_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A copy of the network at its current weights, without gradients (cast to ``dtype``)."""
+def _frozen_copy(model: nn.Module, dtype: torch.dtype | None, owner: str = "NTKGP(model, X, y, ...)") -> nn.Module:
+    """A copy of the network at its current weights, without gradients (cast to ``dtype``);
+    ``owner`` names the caller in the error for a non-module."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"NTKGP(model, X, y, ...): model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
     frozen = copy.deepcopy(model)
     for p in frozen.parameters():
         p.grad = None
