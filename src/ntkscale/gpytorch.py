@@ -115,15 +115,17 @@ class ScaledNTKOperator(ConstantMulLinearOperator):
         """
         r = min(self.shape[-1], max(int(rank or 0), self.preconditioner_rank))
         X1 = self.base_linear_op.X1  # copies (detach, rebuilds) share its storage
-        key = (X1.data_ptr(), X1.storage_offset(), tuple(X1.shape), self.shape[-1], r)
-        L = self.nystrom_cache.get(key)
-        if L is None:
+        # the entry holds X1 itself, so its storage cannot be freed and reused by other data
+        # while the key is cached; _version catches writes in place
+        key = (X1.data_ptr(), X1.storage_offset(), tuple(X1.shape), X1._version, self.shape[-1], r)
+        hit = self.nystrom_cache.get(key)
+        if hit is None:
             with torch.no_grad():
                 P = NystromPreconditioner(self.base_linear_op, noise=0.0, rank=r)
-                L = P.U * P.eigvals.clamp_min(0).sqrt()
+                hit = (X1, P.U * P.eigvals.clamp_min(0).sqrt())
             self.nystrom_cache.clear()  # one training set at a time
-            self.nystrom_cache[key] = L
-        return L
+            self.nystrom_cache[key] = hit
+        return hit[1]
 
     def pivoted_cholesky(self, rank: int, error_tol: float | None = None, return_pivots: bool = False):
         """A low-rank root ``L`` with ``L Lᵀ ≈ c Θ``: ntkscale's Nyström factor, scaled by √c.
