@@ -72,7 +72,7 @@ class EvidenceMixin:
             raise ValueError("the Laplace evidence needs noise > 0 (log N(r; 0, σ² I) is undefined at σ² = 0)")
         ld = slq(lam)
         ratio = ld.value - n * math.log(lam)  # log det(I + K/λ)
-        rss = self.red.sum(self.residual.square().sum()).item()
+        rss = self.residual_sq
         loglik = -0.5 * rss / noise - 0.5 * n * math.log(2 * math.pi * noise)
         scatter = self.weight_norm_sq / prior_scale
         value = loglik - 0.5 * (ratio + scatter)

@@ -196,8 +196,9 @@ class KernelGP(EvidenceMixin):
         self.memory_budget = int(memory_budget or 256 * 2**20)
         self.weight_norm_sq = None if weight_norm_sq is None else float(weight_norm_sq)
         self.num_weights = num_weights
+        self.residual_sq = self.red.sum(r.square().sum()).item()  # ‖r‖² over all rows, once
         self.noise_reference = float(noise_reference) if noise_reference else max(
-            self.red.sum(r.square().sum()).item() / n, torch.finfo(K.dtype).tiny
+            self.residual_sq / n, torch.finfo(K.dtype).tiny
         )
         self.Kb = ColumnBlockedOperator(K, self._block_size)  # what the solvers see
 
