@@ -165,24 +165,24 @@ def extension_status(device: str = "cpu") -> ExtensionStatus:
     Returns:
         An :class:`ExtensionStatus`; nothing is compiled or loaded.
     """
-    from . import _ext
+    from ..reductions import compiled
 
     need_cuda = device == "cuda"
-    mod = _ext._module
+    mod = compiled.loaded_extension()
     if mod is not None:
         has_cuda = bool(getattr(mod, "with_cuda", lambda: False)())
         if has_cuda or not need_cuda:
             return ExtensionStatus(True, True, has_cuda)
         return ExtensionStatus(False, False, False, "the loaded extension was built without CUDA")
-    want_cuda = _ext._want_cuda()
+    want_cuda = compiled.wants_cuda()
     if need_cuda and not want_cuda:
         return ExtensionStatus(False, False, False,
                                "tensors are on a GPU but nvcc (CUDA_HOME) or a CUDA device is missing")
     try:
-        _ext.csrc_dir()
+        compiled.csrc_dir()
     except FileNotFoundError as err:
         return ExtensionStatus(False, False, want_cuda, str(err))
-    built = _ext.is_built()
+    built = compiled.is_built()
     missing = []
     if _compiler() is None:
         missing.append("a C++ compiler (c++/g++ on PATH, or $CXX)")
@@ -379,8 +379,8 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
     """Per-backend ``setup_s`` and ``product_s`` (seconds), memory (bytes), and why the others
     cannot run (``cannot_run``). ``cost`` is the setup spread over ``EXPECTED_PRODUCTS`` plus one
     product, per backend."""
-    from . import _ext
-    from .structured import DEFAULT_FACTOR_BUDGET
+    from ..reductions import compiled
+    from .base import DEFAULT_FACTOR_BUDGET
 
     factor_budget = factor_budget or DEFAULT_FACTOR_BUDGET
     prof = profile or profile_model(fm, params, fixed, X1[:2])
@@ -455,7 +455,7 @@ def estimate(fm: FunctionalModel, params, fixed, X1: Tensor, X2: Tensor, square:
                     if not st.usable:
                         cannot[b] = st.reason
                         continue
-                    compile_s = (0.0 if _ext._module is not None
+                    compile_s = (0.0 if compiled.loaded_extension() is not None
                                  else EXT_LOAD_S if st.built else COMPILE_S[dev])
                     tiles = (lambda o: -(-o // 64)) if dev == "cuda" else (lambda o: 1)
                 else:

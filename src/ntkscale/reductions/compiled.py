@@ -38,6 +38,8 @@ __all__ = [
     "extension_dir",
     "csrc_dir",
     "load_extension",
+    "loaded_extension",
+    "wants_cuda",
     "is_built",
     "clear_cache",
     "ntk_reduce",
@@ -49,6 +51,17 @@ log = logging.getLogger("ntkscale")
 _EXT_NAME = "ntkscale_ntk_reduce"
 _lock = threading.Lock()
 _module: ModuleType | None = None
+
+
+def loaded_extension() -> ModuleType | None:
+    """The extension when this process has loaded it, else None (nothing is built or loaded)."""
+    return _module
+
+
+def wants_cuda() -> bool:
+    """Whether a build here includes the CUDA kernel: torch has CUDA, a GPU is visible and nvcc
+    can be found (warns once per call when a GPU is visible without nvcc)."""
+    return _want_cuda()
 
 
 def _want_cuda() -> bool:
@@ -100,14 +113,15 @@ def csrc_dir() -> Path:
     return path
 
 
-def _library_name() -> str:
-    return _EXT_NAME + ("_cuda" if _want_cuda() else "")
+def _library_name(cuda: bool | None = None) -> str:
+    return _EXT_NAME + ("_cuda" if (_want_cuda() if cuda is None else cuda) else "")
 
 
-def is_built() -> bool:
+def is_built(cuda: bool | None = None) -> bool:
     """Whether the extension is loaded, or its library is in :func:`extension_dir`, newer than
     the sources and built from these sources (torch rebuilds when the build command changes,
-    e.g. sources in another folder): then :func:`load_extension` compiles nothing."""
+    e.g. sources in another folder): then :func:`load_extension` compiles nothing. ``cuda``:
+    whether the build includes the CUDA kernel (default :func:`wants_cuda`)."""
     if _module is not None:
         return True
     try:
@@ -115,7 +129,7 @@ def is_built() -> bool:
     except FileNotFoundError:
         return False
     build = extension_dir()
-    lib = build / f"{_library_name()}.so"
+    lib = build / f"{_library_name(cuda)}.so"
     ninja_file = build / "build.ninja"
     if not (lib.is_file() and ninja_file.is_file()):
         return False
@@ -150,13 +164,13 @@ def load_extension(verbose: bool = False) -> ModuleType:
         sources = [str(src / "ntk_reduce.cpp")]
         cflags = ["-O3"]
         cuda_flags: list[str] = []
-        name = _EXT_NAME
-        if _want_cuda():
+        cuda = _want_cuda()
+        name = _library_name(cuda)
+        if cuda:
             sources.append(str(src / "ntk_reduce_cuda.cu"))
             cflags.append("-DWITH_CUDA")
             cuda_flags = ["-O3", "-DWITH_CUDA", "-lineinfo"]
-            name = _EXT_NAME + "_cuda"
-        compiling = not is_built()
+        compiling = not is_built(cuda)
         if compiling:
             log.warning(
                 "ntkscale: compiling the kernel-space extension (%s) into %s; a one-off that "
