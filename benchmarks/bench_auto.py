@@ -143,10 +143,10 @@ def run_case(name: str, args, bar=None) -> dict:
         rec["auto_within_10pct_product"] = pick is not None and pick["product_s"] <= 1.1 * best_p
         rec["auto_within_10pct_workload"] = pick is not None and pick["workload_s"] <= 1.1 * best_w
         rec["auto_slowdown_workload"] = pick["workload_s"] / best_w if pick else None
-        # what auto may pick under its memory rules: dense only while its Jacobians are small
-        # (or when nothing else runs)
-        over = n * C * P * 4 > cost.DENSE_MAX_BYTES or n * C > cost.DENSE_MAX_ROWS
-        eligible = {b: r for b, r in ok.items() if not (b == "dense" and over and len(ok) > 1)}
+        # what auto may pick under its memory rules (dense only while its Jacobians are small, or
+        # when nothing else runs): the backends its cost model did not rule out
+        ruled_out = rec.get("estimates", {}).get("cannot_run", {})
+        eligible = {b: r for b, r in ok.items() if b not in ruled_out} or ok
         rec["fastest_eligible"] = min(eligible, key=lambda b: eligible[b]["workload_s"])
         best_e = eligible[rec["fastest_eligible"]]["workload_s"]
         rec["auto_within_10pct_eligible"] = pick is not None and pick["workload_s"] <= 1.1 * best_e
