@@ -103,8 +103,11 @@ def test_gpu_tensors_need_nvcc(monkeypatch):
 def test_compile_is_counted_against_the_products(monkeypatch, tmp_path):
     """Not built but buildable: the compile is a setup cost. A few products do not pay for it;
     a long enough workload does."""
+    from ntkscale.reductions import compiled
+
     monkeypatch.setattr(cost, "extension_status",
                         lambda device="cpu": cost.ExtensionStatus(False, True, False))
+    monkeypatch.setattr(compiled, "loaded_extension", lambda: None)  # whatever ran before in this process
     model, X = _wide()
     K = nks.NTKOperator(model, X, backend="auto")
     est = K.cost_estimates

@@ -332,28 +332,44 @@ class StructuredBackend(Backend):
         """Bytes kept for ``X`` between products (measured on one sample, scaled by N): the
         factors, and the linearization of the parameters they do not cover when it fits
         ``memory_budget`` (see :mod:`.linearization`)."""
-        specs, _, rest = self._layout(data)
-        total = compute_factors(data, specs, X[:1]).nbytes() * X.shape[0]
+        _, _, rest = self._layout(data)
+        total = self._layer_factor_bytes(data, X)
         if rest is not None:
             kept = self._rest_backend.factor_bytes(rest, X)
             total += kept if kept <= rest.memory_budget else 0
         return total
+
+    def _layer_factor_bytes(self, data: KernelData, X: Tensor) -> int:
+        """Bytes of the per-layer factors of ``X`` (measured on one sample, scaled by N)."""
+        specs, _, _ = self._layout(data)
+        return compute_factors(data, specs, X[:1]).nbytes() * X.shape[0]
+
+    @staticmethod
+    def _side_name(data: KernelData, X: Tensor) -> str | None:
+        """Cache name of a data side's factors (None for other inputs)."""
+        return "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+
+    @staticmethod
+    def _fits_factor_budget(data: KernelData, flag: str, need: float, what: str) -> bool:
+        """Whether ``need`` bytes fit the factor budget; says once per ``flag`` when not."""
+        budget = data.factor_budget or DEFAULT_FACTOR_BUDGET
+        if need <= budget:
+            return True
+        if not data.cache.get(flag):
+            data.cache[flag] = True
+            log.info("ntkscale: %s (%.2f GiB) exceed the factor budget %.2f GiB; %s",
+                     what, need / 2**30, budget / 2**30,
+                     "recomputing them per chunk on every product" if flag.startswith("factors")
+                     else "copying them on every product")
+        return False
 
     def _factors(self, data: KernelData, X: Tensor, name: str) -> Factors | None:
         """Cached factors of ``X``, or None when they exceed the factor budget."""
         specs, _, _ = self._layout(data)
         if not specs:
             return None
-        need = data.cached(f"{name}-bytes", (X,), lambda: self.factor_bytes(data, X))
-        budget = data.factor_budget or DEFAULT_FACTOR_BUDGET
-        if need > budget:
-            if not data.cache.get(f"{name}-warned"):
-                data.cache[f"{name}-warned"] = True
-                log.info(
-                    "ntkscale: structured factors need %.2f GiB > factor budget %.2f GiB; "
-                    "recomputing them per chunk on every product",
-                    need / 2**30, budget / 2**30,
-                )
+        need = data.cached(f"{name}-bytes", (X,), lambda: self._layer_factor_bytes(data, X))
+        if not self._fits_factor_budget(data, f"{name}-warned", need, "structured factors"):
             return None
 
         def build():
@@ -367,7 +383,7 @@ class StructuredBackend(Backend):
         """Factors for X as (slice, Factors) pieces: slices of the cached factors, or factors
         recomputed chunk by chunk. With ``k`` right-hand sides, pieces are cut so that the
         per-piece temporaries (``k`` columns per output unit and sample) fit the memory budget."""
-        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        name = self._side_name(data, X)
         fac = self._factors(data, X, name) if name else None
         if fac is None:
             specs, _, _ = self._layout(data)
@@ -476,7 +492,7 @@ class StructuredBackend(Backend):
         return data.cached("dense-layers", (), build)
 
     def _whole(self, data: KernelData, X: Tensor) -> Factors:
-        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        name = self._side_name(data, X)
         fac = self._factors(data, X, name) if name else None
         if fac is not None:
             return fac
@@ -504,7 +520,7 @@ class StructuredBackend(Backend):
         For a data side whose per-layer factors are cached they are built once and cached too
         (their contiguous copies would otherwise be remade on every product), as long as the
         side's factors and these copies together fit the factor budget."""
-        name = "factors1" if X is data.X1 else ("factors2" if X is data.X2 else None)
+        name = self._side_name(data, X)
         entry = data.cache.get(name) if name else None
         if entry is None or entry[1] is not fac or entry[0] != data.signature(X):
             return self._kernel_factors(fac, idx, layers)  # factors not cached: nor are these
@@ -514,14 +530,8 @@ class StructuredBackend(Backend):
             + fac.G[l].shape[0] * fac.G[l].shape[1] * fac.G[l].shape[3]
             for l in layers
         ) * size
-        budget = data.factor_budget or DEFAULT_FACTOR_BUDGET
-        if fac.nbytes() + extra > budget:
-            if not data.cache.get(f"kernel-{name}-warned"):
-                data.cache[f"kernel-{name}-warned"] = True
-                log.info(
-                    "ntkscale: kernel-space factors (%.2f GiB more) exceed the factor budget "
-                    "%.2f GiB; copying them on every product", extra / 2**30, budget / 2**30,
-                )
+        if not self._fits_factor_budget(data, f"kernel-{name}-warned", fac.nbytes() + extra,
+                                        "the factors with their kernel-space copies"):
             return self._kernel_factors(fac, idx, layers)
         return data.cached(f"kernel-{name}", (X,), lambda: self._kernel_factors(fac, idx, layers))
 
