@@ -372,22 +372,15 @@ class NTKOperator(LinearOperator):
         caches keyed on it (e.g. :class:`ntkscale.solvers.TiledCholesky`'s resume) cannot mix
         kernels. Costs one pass over these tensors (no products).
         """
-        import hashlib
+        from .solvers._utils import operator_fingerprint
 
         st = self._st
-        h = hashlib.sha256()
         mod = st.fm.module
-        head = (type(mod).__module__, type(mod).__qualname__, repr(mod), st.fm.names, st.fm.fixed_names)
-        h.update(repr(head + (st.fm.num_outputs, st.square, self.backend, str(self.dtype))).encode())
-        tensors = [self.X1, None if st.square else self.X2, st.rows, st.cols, *self.params, *self.fixed]
-        for t in tensors:
-            if t is None:
-                h.update(b"-")
-                continue
-            t = t.detach().cpu().contiguous()
-            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()
+        head = (type(mod).__module__, type(mod).__qualname__, repr(mod), st.fm.names, st.fm.fixed_names,
+                st.fm.num_outputs, st.square, self.backend, str(self.dtype))
+        return operator_fingerprint(
+            [repr(head), self.X1, None if st.square else self.X2, st.rows, st.cols, *self.params, *self.fixed]
+        )
 
     def _data(self) -> KernelData:
         st = self._st
