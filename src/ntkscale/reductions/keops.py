@@ -25,7 +25,6 @@ two sides swapped (the same compiled formula), and the factors get ``None``.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Sequence
 
 import torch

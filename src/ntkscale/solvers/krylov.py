@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from ._reduce import reductions
 from ._utils import check_noise, check_operator, make_generator
-from .lanczos import _check_num_iter, _LanczosProcess
+from .lanczos import _check_num_iter, _LanczosProcess, logdet_from_nodes, quadrature_nodes
 
 __all__ = ["LanczosBasis", "LogdetEstimate", "StochasticLogdet"]
 
@@ -198,26 +197,16 @@ class StochasticLogdet:
                 Z = torch.eye(n, dtype=K.dtype, device=K.device)[red.offset : red.offset + red.n_local]
             else:
                 Z = red.rademacher(self.num_probes, gen, K.dtype, K.device)
-            proc = _LanczosProcess(K, Z, 0.0, gen, reorthogonalize=True, capacity=self.num_iter, red=red)
-            for _ in range(self.num_iter):
-                proc.step()
-            theta, S = torch.linalg.eigh(proc.tridiagonal())  # shape: (b, m), (b, m, m)
-            del proc
-            self._nodes = (theta.clamp_min(0), S[:, 0, :].square())
+            theta, weights = quadrature_nodes(K, Z, 0.0, self.num_iter, gen, True, red)
+            self._nodes = (theta.clamp_min(0), weights)
             self.K = None  # the nodes are all that is needed from now on
         return self._nodes
 
     def __call__(self, noise: float = 0.0) -> LogdetEstimate:
         """The estimate of ``log det(K + noise I)``."""
         theta, weights = self.nodes()
-        logs = torch.log(theta + check_noise(noise))
-        per_probe = self.n * torch.where(weights > 0, weights * logs, torch.zeros_like(logs)).sum(-1)
-        b = per_probe.numel()
-        if self.exact:
-            stderr = 0.0
-        else:
-            stderr = (per_probe.std() / math.sqrt(b)).item() if b > 1 else math.nan
-        return LogdetEstimate(per_probe.mean().item(), stderr, self.exact)
+        value, stderr = logdet_from_nodes(theta + check_noise(noise), weights, self.n, self.exact)
+        return LogdetEstimate(value, stderr, self.exact)
 
     logdet = __call__
 

@@ -337,11 +337,27 @@ def _slq_nodes(K, noise: float, num_probes: int, num_iter: int | None, seed: int
     m = _check_num_iter(min(n, 100) if num_iter is None else num_iter, n)
     gen = make_generator(seed, K.device)
     Z = red.rademacher(num_probes, gen, K.dtype, K.device)
-    proc = _LanczosProcess(K, Z, noise, gen, reorthogonalize, capacity=m)
+    return quadrature_nodes(K, Z, noise, m, gen, reorthogonalize, red)
+
+
+def quadrature_nodes(K, Z: torch.Tensor, noise: float, m: int, gen, reorthogonalize: bool, red=None):
+    """Ritz values and Gauss quadrature weights of ``m`` block Lanczos steps on ``K + noise I``
+    from the probes ``Z`` (this rank's rows): ``(theta, weights)``, each of shape (probes, m)."""
+    proc = _LanczosProcess(K, Z, noise, gen, reorthogonalize, capacity=m, red=red)
     for _ in range(m):
         proc.step()
     theta, S = torch.linalg.eigh(proc.tridiagonal())  # shape: (b, m), (b, m, m)
     return theta, S[:, 0, :].square()
+
+
+def logdet_from_nodes(theta: torch.Tensor, weights: torch.Tensor, n: int, exact: bool = False) -> tuple[float, float]:
+    """``(estimate, standard_error)`` of ``log det`` from SLQ nodes: ``n Σ_j τ_j log θ_j`` per
+    probe, averaged (Ritz values clamped at 0; exact unit-vector probes have no error)."""
+    logs = torch.log(theta.clamp_min(0))
+    per_probe = n * torch.where(weights > 0, weights * logs, torch.zeros_like(logs)).sum(-1)  # shape: (b,)
+    b = per_probe.numel()
+    stderr = 0.0 if exact else ((per_probe.std() / math.sqrt(b)).item() if b > 1 else math.nan)
+    return per_probe.mean().item(), stderr
 
 
 def logdet(
@@ -374,12 +390,7 @@ def logdet(
         measures the probe noise only, not the quadrature error of too few iterations.
     """
     theta, weights = _slq_nodes(K, noise, num_probes, num_iter, seed, reorthogonalize)
-    n = reductions(K).n
-    logs = torch.log(theta.clamp_min(0))
-    per_probe = n * torch.where(weights > 0, weights * logs, torch.zeros_like(logs)).sum(-1)  # shape: (b,)
-    estimate = per_probe.mean().item()
-    stderr = (per_probe.std() / math.sqrt(num_probes)).item() if num_probes > 1 else math.nan
-    return estimate, stderr
+    return logdet_from_nodes(theta, weights, reductions(K).n)
 
 
 def spectral_density(
