@@ -1,4 +1,5 @@
-"""Input checks, written once: finiteness of data and vectors in bounded chunks.
+"""Input checks, written once: finiteness of data and vectors in bounded chunks, regression
+targets (scalar arguments: :mod:`ntkscale.solvers._utils`).
 
 ``torch.isfinite(X).all()`` on a whole tensor allocates temporaries the size of ``X`` (its
 absolute value and two boolean masks): for a data set that is most of the memory the operator
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .settings import debug
 
-__all__ = ["CHUNK_BYTES", "all_finite", "nonfinite_samples", "check_vector_finite"]
+__all__ = ["CHUNK_BYTES", "all_finite", "nonfinite_samples", "check_vector_finite", "check_targets"]
 
 CHUNK_BYTES = 16 * 2**20  # bytes of the checked tensor per slice
 
@@ -60,3 +61,22 @@ def check_vector_finite(v: Tensor, what: str = "the right-hand side") -> None:
         return
     if not all_finite(v):
         raise ValueError(f"{what} contains NaN or inf")
+
+
+def check_targets(y, N: int, C: int, dtype: torch.dtype, device) -> Tensor:
+    """``y`` as an (N, C) tensor of ``dtype`` on ``device``, else a ``ValueError`` saying why."""
+    if not torch.is_tensor(y):
+        raise ValueError(f"y must be a torch.Tensor of shape ({N}, {C}), got {type(y).__name__}")
+    expected = f"({N}, {C})" + (f" or ({N},)" if C == 1 else "")
+    if y.dim() == 1 and C == 1 and y.shape[0] == N:
+        y = y.unsqueeze(-1)
+    if tuple(y.shape) != (N, C):
+        raise ValueError(f"y must have shape {expected} (N samples x C model outputs), got {tuple(y.shape)}")
+    if y.is_complex() or not (y.is_floating_point() or y.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"y must be real-valued, got dtype {y.dtype}")
+    y = y.detach().to(dtype=dtype, device=device)
+    bad = ~torch.isfinite(y)
+    if bool(bad.any()):
+        first = int(bad.any(-1).nonzero()[0])
+        raise ValueError(f"y contains NaN or inf ({int(bad.sum())} entries, first in sample {first})")
+    return y

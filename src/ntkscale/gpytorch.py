@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .gp.ntkgp import _frozen_copy
 from .operator import NTKOperator
 from .solvers import NystromPreconditioner
+from .solvers._utils import check_positive_int
 
 __all__ = ["NTKKernel", "ScaledNTKOperator"]
 
@@ -186,8 +187,7 @@ class NTKKernel(gpytorch.kernels.Kernel):
             raise TypeError(f"NTKKernel(model): model must be a torch.nn.Module, got {type(model).__name__}")
         if kwargs.get("batch_shape") not in (None, torch.Size([])):
             raise ValueError("NTKKernel does not support batch_shape (one kernel per network)")
-        if isinstance(preconditioner_rank, bool) or not isinstance(preconditioner_rank, int) or preconditioner_rank < 1:
-            raise ValueError(f"preconditioner_rank must be an integer >= 1, got {preconditioner_rank!r}")
+        check_positive_int(preconditioner_rank, "preconditioner_rank")
         if preconditioner not in ("nystrom", None):
             raise ValueError(
                 f"preconditioner must be 'nystrom' (ntkscale's Nyström root) or None (GPyTorch's own "

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from .solvers._utils import check_positive_int
+
 __all__ = [
     "accuracy",
     "brier_score",
@@ -98,8 +100,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
         0.316667
     """
     probs, labels = _check_classification(probs, labels)
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    check_positive_int(bins, "bins")
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
     # bin b holds conf in (b/B, (b+1)/B]; ceil(conf*B) - 1, with conf = 0 in bin 0

@@ -31,9 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
 
+from ._checks import check_targets
 from .functional import chunks, select_parameters
 from .operator import NTKOperator
 from .solvers import SolveInfo, solve
+from .solvers._utils import check_float
 
 __all__ = ["FunctionSpaceNGD", "NGDInfo", "ngd_step"]
 
@@ -107,8 +109,8 @@ def ngd_step(
         ValueError: ``lr ≤ 0``, ``damping < 0``, ``y`` of the wrong shape or with NaN/inf.
     """
     start = time.perf_counter()
-    lr = _check_float(lr, "lr", positive=True)
-    damping = _check_float(damping, "damping", positive=False)
+    lr = check_float(lr, "lr", positive=True)
+    damping = check_float(damping, "damping", positive=False)
     if "dtype" in operator_kwargs:
         raise ValueError("ngd_step computes in the model's dtype; convert the model instead of passing dtype")
     names, _ = select_parameters(model, params)
@@ -121,7 +123,7 @@ def ngd_step(
         X = X.to(dtype)
     K = NTKOperator(model, X, backend=backend, chunk_size=chunk_size, params=params, **operator_kwargs)
     N, C = X.shape[0], K.num_outputs
-    y = _check_targets(y, N, C, dtype, device)
+    y = check_targets(y, N, C, dtype, device)
     chunk = K.chunk_size
 
     f = _forward(model, X, C, chunk)  # shape: (N, C)
@@ -192,8 +194,8 @@ class FunctionSpaceNGD(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1.0, damping: float = 1e-3, params=None, **kwargs):
-        _check_float(lr, "lr", positive=True)
-        _check_float(damping, "damping", positive=False)
+        check_float(lr, "lr", positive=True)
+        check_float(damping, "damping", positive=False)
         names, _ = select_parameters(model, params)
         named = dict(model.named_parameters())
         super().__init__([named[n] for n in names], {"lr": lr, "damping": damping})
@@ -214,27 +216,3 @@ class FunctionSpaceNGD(torch.optim.Optimizer):
 def _forward(model: nn.Module, X: Tensor, C: int, chunk: int) -> Tensor:
     with torch.no_grad():
         return torch.cat([model(X[sl]).reshape(-1, C) for sl in chunks(X.shape[0], chunk)])
-
-
-def _check_float(value, name: str, positive: bool) -> float:
-    if torch.is_tensor(value):
-        value = value.item()
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite float {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
-
-
-def _check_targets(y, N: int, C: int, dtype, device) -> Tensor:
-    if not torch.is_tensor(y):
-        raise ValueError(f"y must be a torch.Tensor of shape ({N}, {C}), got {type(y).__name__}")
-    if y.dim() == 1 and C == 1 and y.shape[0] == N:
-        y = y.unsqueeze(-1)
-    if tuple(y.shape) != (N, C):
-        alt = f" or ({N},)" if C == 1 else ""
-        raise ValueError(f"y must have shape ({N}, {C}){alt} (N samples x C model outputs), got {tuple(y.shape)}")
-    y = y.detach().to(dtype=dtype, device=device)
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"y contains NaN or inf ({int((~torch.isfinite(y)).sum())} entries)")
-    return y

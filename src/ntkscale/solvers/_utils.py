@@ -1,4 +1,5 @@
-"""Checks and the one matrix-free product shared by the solvers."""
+"""Checks (of operators and scalar arguments, for the whole package) and the one matrix-free
+product shared by the solvers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,26 @@ def check_operator(K) -> int:
     if shape[0] < 1:
         raise ValueError("K must have at least one row, got shape (0, 0)")
     return int(shape[0])
+
+
+def check_float(value, name: str, positive: bool) -> float:
+    """``value`` as a float, else a ``ValueError``: finite, and ``> 0`` (``positive``) or ``>= 0``."""
+    if torch.is_tensor(value):
+        value = value.item()
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite float {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value, name: str, default=None):
+    """``value`` (``default`` for None), else a ``ValueError`` unless an integer ``>= 1``."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def check_noise(noise) -> float:

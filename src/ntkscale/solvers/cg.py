@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import settings
 from ._reduce import reductions
-from ._utils import check_noise, check_operator, shifted_matmul
+from ._utils import check_float, check_noise, check_operator, check_positive_int, shifted_matmul
 from .preconditioners import build_preconditioner
 
 __all__ = ["ConvergenceWarning", "SingularKernelError", "SolveInfo", "solve"]
@@ -379,15 +379,11 @@ def _resolve_preconditioner(K, preconditioner, n: int, noise: float, rank, seed:
 
 
 def _check_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0 or not math.isfinite(tol):
-        raise ValueError(f"tol must be a finite float > 0, got {tol!r}")
-    return float(tol)
+    return check_float(tol, "tol", positive=True)
 
 
 def _check_max_iter(max_iter) -> int:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    return max_iter
+    return check_positive_int(max_iter, "max_iter")
 
 
 def _check_rhs(rhs, n: int, what: str) -> tuple[torch.Tensor, bool]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._reduce import reductions
-from ._utils import check_noise, check_operator, make_generator
+from ._utils import check_noise, check_operator, check_positive_int, make_generator
 from .lanczos import _check_num_iter, _LanczosProcess, logdet_from_nodes, quadrature_nodes
 
 __all__ = ["LanczosBasis", "LogdetEstimate", "StochasticLogdet"]
@@ -128,8 +128,7 @@ class LanczosBasis:
     def _rank(self, rank: int | None) -> int:
         if rank is None:
             return self.steps
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        check_positive_int(rank, "rank")
         if rank > self.steps:
             raise ValueError(
                 f"rank {rank} exceeds the {self.steps} Lanczos steps of this basis; build a "
@@ -178,8 +177,7 @@ class StochasticLogdet:
     def __init__(self, K, num_probes: int = 30, num_iter: int | None = None, seed: int = 0):
         check_operator(K)
         self.n = reductions(K).n  # rows over all ranks of a sharded K
-        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
+        check_positive_int(num_probes, "num_probes")
         self.K = K
         self.num_probes = num_probes
         self.num_iter = _check_num_iter(min(self.n, 100) if num_iter is None else num_iter, self.n)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ._reduce import reductions
-from ._utils import check_noise, check_operator, make_generator, shifted_matmul
+from ._utils import check_noise, check_operator, check_positive_int, make_generator, shifted_matmul
 from .cg import ConvergenceWarning
 
 __all__ = [
@@ -106,9 +106,7 @@ class _LanczosProcess:
 
 
 def _check_num_iter(num_iter, n: int, what: str = "num_iter") -> int:
-    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {num_iter!r}")
-    return min(num_iter, n)
+    return min(check_positive_int(num_iter, what), n)
 
 
 def _check_start(v0, n: int, dtype, device, red) -> torch.Tensor:
@@ -332,8 +330,7 @@ def _slq_nodes(K, noise: float, num_probes: int, num_iter: int | None, seed: int
     red = reductions(K)
     n = red.n
     noise = check_noise(noise)
-    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
+    check_positive_int(num_probes, "num_probes")
     m = _check_num_iter(min(n, 100) if num_iter is None else num_iter, n)
     gen = make_generator(seed, K.device)
     Z = red.rademacher(num_probes, gen, K.dtype, K.device)
