@@ -53,6 +53,7 @@ from ..models import CNN, MLP
 from ..ngd import ngd_step
 from ..operator import NTKOperator
 from ..solvers import ConvergenceWarning, eigvalsh_extremes
+from ..solvers.lanczos import singular_to_roundoff
 from .runner import Context, ExperimentError, Outcome, Study, new_figure, run_study, save_figure
 
 __all__ = ["ConditioningConfig", "QUICK", "FULL", "STUDY", "run", "Spectrum", "spectrum", "build_model", "train_curves"]
@@ -209,7 +210,7 @@ def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int
         warnings.simplefilter("always", ConvergenceWarning)
         res = eigvalsh_extremes(K, k=1, num_iter=iters, tol=1e-10, seed=seed)
     lmax, lmin = res.largest[0].item(), res.smallest[0].item()
-    singular = lmin <= n * torch.finfo(torch.float64).eps * lmax
+    singular = singular_to_roundoff(lmin, lmax, n, torch.float64)
     return Spectrum(
         lambda_min=0.0 if singular else lmin,
         lambda_max=lmax,

@@ -315,9 +315,16 @@ def condition_number(K, noise: float = 0.0, **kwargs) -> float:
         K, 1, noise, kwargs.get("num_iter"), kwargs.get("tol", 1e-4), kwargs.get("seed", 0), relative_smallest=True
     )
     lmax, lmin = res.largest[0].item(), res.smallest[0].item()
-    if lmax <= 0 or lmin <= reductions(K).n * torch.finfo(K.dtype).eps * lmax:
+    if singular_to_roundoff(lmin, lmax, reductions(K).n, K.dtype):
         return math.inf
     return lmax / lmin
+
+
+def singular_to_roundoff(smallest: float, largest: float, n: int, dtype: torch.dtype) -> bool:
+    """Whether a smallest Ritz value is zero to round-off: ``≤ n · eps · λ_max`` for ``dtype``
+    (Ritz values never undershoot ``λ_min``, so the operator is then singular to working
+    precision), or the operator is zero."""
+    return largest <= 0 or smallest <= n * torch.finfo(dtype).eps * largest
 
 
 def _slq_nodes(K, noise: float, num_probes: int, num_iter: int | None, seed: int, reorthogonalize: bool):
