@@ -428,9 +428,17 @@ class NTKGP:
         Returns:
             A :class:`ntkscale.gp.VarianceError`.
         """
-        _, fast = self.predict(X_test, mode="fast", fast_rank=fast_rank)
-        rank = self.info.fast_rank
-        _, exact = self.predict(X_test, mode="exact")
+        post, C = self.posterior, self.num_outputs
+        Ksx = self.kernel(X_test, self.X)  # both variances from one cross-kernel and prior diagonal
+        M = Ksx.X1.shape[0]
+        Kss = self.kernel(Ksx.X1)
+        prior = Kss.diagonal().detach()
+        direct = post.use_cholesky(M * C)
+        info = PredictInfo(mode="fast")
+        fast = post.variance(Ksx, prior, mode="fast", fast_rank=fast_rank, info=info).reshape(M, C)
+        rank = info.fast_rank
+        prior_exact = Kss.to(torch.float64).diagonal().detach() if direct else prior
+        exact = post.variance(Ksx, prior_exact, mode="exact", solver="cholesky" if direct else "cg").reshape(M, C)
         pos = exact > 0
         rel = (fast[pos] - exact[pos]).abs() / exact[pos]
         return VarianceError(
