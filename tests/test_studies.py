@@ -170,6 +170,20 @@ def test_ngd_fits_the_linear_regime_fastest():
     assert c["ngd"][-1] < c["gd"][-1] and c["ngd"][-1] < c["adam"][-1]
 
 
+def test_full_batch_steps_in_chunks_equal_one_batch():
+    """GD's and Adam's full-batch steps accumulated over chunks follow the one-batch curves."""
+    config = {**conditioning.QUICK.__dict__, **TINY_COND, "seed": 0}
+    X, Y, shape = conditioning.load_data(config)
+    torch.manual_seed(0)
+    model = conditioning.build_model(config, "mlp", 64, 2, "ntk", shape, 10)
+    lam = conditioning.spectrum(model, X).lambda_max
+    whole = conditioning.train_curves(model, X, Y, {**config, "steps": 3}, lam, _ctx(None), chunk_size=X.shape[0])
+    parts = conditioning.train_curves(model, X, Y, {**config, "steps": 3}, lam, _ctx(None), chunk_size=3)
+    for name in ("gd", "adam"):
+        torch.testing.assert_close(torch.tensor(parts["curves"][name]), torch.tensor(whole["curves"][name]),
+                                   rtol=1e-5, atol=1e-7)
+
+
 # -- command line and data ---------------------------------------------------------------------------
 def test_cli_device_not_present(capsys, tmp_path):
     missing = f"cuda:{torch.cuda.device_count()}"

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as nks_data
+from ..functional import chunks
 from ..jacobian import jacobian_difference_norm
 from ..models import CNN, MLP
 from ..ngd import ngd_step
@@ -226,13 +227,27 @@ def spectrum(model: nn.Module, X: Tensor, num_iter: int | None = None, seed: int
     )
 
 
-def _mse(model: nn.Module, X: Tensor, Y: Tensor) -> float:
+def _mse(model: nn.Module, X: Tensor, Y: Tensor, chunk: int) -> float:
+    """Mean squared error over all of ``X``, ``chunk`` samples per forward pass."""
     with torch.no_grad():
-        return (model(X) - Y).square().mean().item()
+        return sum(float((model(X[sl]) - Y[sl]).square().sum()) for sl in chunks(X.shape[0], chunk)) / Y.numel()
 
 
-def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_max: float, ctx: Context) -> dict:
+def _full_batch_step(net: nn.Module, opt: torch.optim.Optimizer, X: Tensor, Y: Tensor, chunk: int) -> None:
+    """One step on the full-batch loss ``½ mean (f(X) − Y)²``, its gradient accumulated over
+    chunks of ``chunk`` samples (memory of one chunk's activations, not of all of ``X``)."""
+    opt.zero_grad(set_to_none=True)
+    for sl in chunks(X.shape[0], chunk):
+        (0.5 * (net(X[sl]) - Y[sl]).square().sum() / Y.numel()).backward()
+    opt.step()
+
+
+def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_max: float, ctx: Context,
+                 chunk_size: int | None = None) -> dict:
     """Losses of NGD, GD and Adam for ``config["steps"]`` steps from ``model``'s weights.
+
+    GD's and Adam's full-batch losses and gradients are accumulated over ``chunk_size`` samples at
+    a time (default: the NTK operator's chunk within its memory budget).
 
     Returns:
         ``{"curves": {opt: [loss_0, ..., loss_steps]}, "params": {opt: final parameters},
@@ -242,9 +257,10 @@ def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_ma
     steps, n = config["steps"], Y.numel()
     curves, params, cg_iters, cg_warnings = {}, {}, [], 0
     gd_lr = n / lambda_max
+    chunk = chunk_size or NTKOperator(model, X).chunk_size  # samples per pass within the memory budget
     for name in OPTIMIZERS:
         net = copy.deepcopy(model)
-        curve = [_mse(net, X, Y)]
+        curve = [_mse(net, X, Y, chunk)]
         opt = None
         if name == "gd":
             opt = torch.optim.SGD(net.parameters(), lr=gd_lr)
@@ -260,10 +276,8 @@ def train_curves(model: nn.Module, X: Tensor, Y: Tensor, config: dict, lambda_ma
                 cg_iters.append(info.iterations)
                 loss = info.loss_after
             else:
-                opt.zero_grad(set_to_none=True)
-                (0.5 * (net(X) - Y).square().mean()).backward()
-                opt.step()
-                loss = _mse(net, X, Y)
+                _full_batch_step(net, opt, X, Y, chunk)
+                loss = _mse(net, X, Y, chunk)
             if not math.isfinite(loss):
                 curve.append(None)
                 break
